@@ -4,7 +4,7 @@ autoregressive model, trained with the hybrid NELBO and sampled with an exact KV
 
 Section numbers (§5) refer to "The method, mapped to the code" in README.md. Order of the file:
 config -> primitives (RoPE, MLP) -> attention with the KV cache -> block -> backbone -> attention masks
--> noise schedule and NELBO -> sampler (cached and reference) -> exact likelihood.
+-> noise schedule -> the Eso-LM: its two training forwards, NELBO, exact likelihood (§7), sampler.
 
 Layout convention used everywhere: a forward pass sees the tokens in *sorted order* (clean tokens first, then
 masks, §5). `order[b, i]` is the original position of the i-th token of row b, and RoPE is computed from it,
@@ -306,6 +306,15 @@ def sample_tokens(logits, temperature, top_p, generator=None):
     return (logp - (-u.log()).log()).argmax(-1)
 
 
+def clean_first_order(clean, shuffle, generator=None):
+    """(B, L) positions in sorted order: the clean ones first (in a random order if shuffle, else left to right),
+    then the rest left to right."""
+    B, L = clean.shape
+    pos = torch.arange(L, device=clean.device) / L
+    key = rand(B, L, device=clean.device, generator=generator) if shuffle else pos.expand(B, L)
+    return torch.where(clean, key, 1 + pos).argsort(1)
+
+
 def _check_alpha0(alpha0):
     if not 0 <= alpha0 <= 1:
         raise ValueError(f"alpha0 must be in [0, 1], got {alpha0}")
@@ -397,12 +406,35 @@ class EsoLM(Transformer):
             return torch.zeros(B, device=x.device)
         # sorted order: the clean tokens of z0 first (in a random order for (B); (A) sees them bidirectionally,
         # so left to right will do), then the masked positions left to right
-        pos = torch.arange(L, device=x.device) / L
-        clean_key = rand(B, L, device=x.device, generator=generator) if self.config.variant == "B" else pos
-        order = torch.where(masked, 1 + pos, clean_key).argsort(1)
+        order = clean_first_order(~masked, self.config.variant == "B", generator)
+        return self._sequential_nll(x, order, L - masked.sum(1))
+
+    def _sequential_nll(self, x, order, n_clean):
+        """-log p of the tokens at sorted indices n_clean.. of each row, each given the tokens before it."""
         xs = x.gather(1, order)
-        h, s, valid = self.sequential_forward(xs, order, L - masked.sum(1))
+        h, s, valid = self.sequential_forward(xs, order, n_clean)
         return nll_per_row(self.lm_head(h[valid]), xs.gather(1, s)[valid], valid)
+
+    @torch.no_grad()
+    def exact_nll(self, x, alpha0, num_orders=1, generator=None):
+        """-log mean_k p(x | order_k) of each row, nats per sequence (§7). Decoding one token per call along a
+        fixed generation order, Eso-LM (B) is an AR model over that order, scored exactly by one sequential forward
+        with every token masked. The orders follow the sampler's law: each position is a diffusion position with
+        the probability that the diffusion phase reveals it, those come first in a random order, the rest left to
+        right. K = 1 is the exact likelihood of one order; the log-mean-exp over K orders is an importance-weighted
+        bound on -log p(x) under the sampler that tightens as K grows."""
+        if self.config.variant != "B":
+            raise ValueError("exact_nll needs variant B: the clean tokens of (A) see each other both ways")
+        self._check_x(x)
+        _check_alpha0(alpha0)
+        B, L = x.shape
+        p_diffusion = alpha0 * (1 - EPS) / (1 - alpha0 * EPS)  # 1 - P(left to the AR phase), see reveal_schedule
+        no_clean = torch.zeros(B, dtype=torch.long, device=x.device)
+        log_p = []
+        for _ in range(num_orders):
+            diffusion = rand(B, L, device=x.device, generator=generator) < p_diffusion
+            log_p.append(-self._sequential_nll(x, clean_first_order(diffusion, True, generator), no_clean))
+        return math.log(num_orders) - torch.stack(log_p).logsumexp(0)
 
     def _check_x(self, x):
         L, V = self.config.block_size, self.config.vocab_size

@@ -260,6 +260,60 @@ def test_tiny_model_overfits_one_batch(alpha0):
         assert end < 0.25
 
 
+def reference_order_nll(model, x, order):
+    """-log p(x | order) decoding one token per call, with the uncached diffusion forward: step s sees the tokens
+    at order[:s] clean and predicts the one at order[s] (the reference sampler's computation)."""
+    L = x.numel()
+    xs = x[order]
+    nll = 0.0
+    for s in range(L):
+        zs = torch.cat([xs[:s], torch.full((L - s,), model.mask_id)])
+        h = model.diffusion_forward(zs[None], order[None], torch.tensor([s]))
+        nll -= model.lm_head(h[0, s]).log_softmax(-1)[xs[s]].item()
+    return nll
+
+
+def test_exact_likelihood_against_brute_force():
+    """Tiny enumerable model: p(x) under the one-token-per-call sampler = sum over its orders of P(order) p(x|order).
+    exact_nll must score each order exactly, its expectation over orders must sit above -log p(x) (Jensen), and
+    many orders must close in on -log p(x)."""
+    Lt, Vt, alpha0 = 3, 2, 0.5
+    model = sharp_model("B", vocab_size=Vt, block_size=Lt, seed=3)
+    p_diff = alpha0 * (1 - EPS) / (1 - alpha0 * EPS)
+    orders = []  # (probability, order): diffusion subset S in each order, then the rest left to right
+    for S in itertools.chain.from_iterable(itertools.combinations(range(Lt), n) for n in range(Lt + 1)):
+        rest = [i for i in range(Lt) if i not in S]
+        for perm in itertools.permutations(S):
+            prob = p_diff ** len(S) * (1 - p_diff) ** len(rest) / math.factorial(len(S))
+            orders.append((prob, torch.tensor(list(perm) + rest)))
+    assert abs(sum(p for p, _ in orders) - 1) < 1e-12
+    xs = all_sequences(Vt, Lt)
+    reps = 32  # every x scored 32 times with K = 256 orders, all in one batch
+    with torch.no_grad():
+        est = model.exact_nll(xs.repeat(reps, 1), alpha0, 256, torch.Generator().manual_seed(0)).view(reps, -1).mean(0)
+    total = 0.0
+    for x, est_x in zip(xs, est.tolist()):
+        with torch.no_grad():
+            nll = {tuple(o.tolist()): reference_order_nll(model, x, o) for _, o in orders}
+            for _, o in orders:  # the sequential forward scores each order exactly
+                got = model._sequential_nll(x[None], o[None], torch.tensor([0])).item()
+                assert abs(got - nll[tuple(o.tolist())]) < 1e-9
+        p_x = sum(p * math.exp(-nll[tuple(o.tolist())]) for p, o in orders)
+        total += p_x
+        mean_k1 = sum(p * nll[tuple(o.tolist())] for p, o in orders)  # E[exact_nll with K = 1]
+        assert mean_k1 >= -math.log(p_x) - 1e-12
+        assert -math.log(p_x) - 0.03 < est_x < mean_k1, (est_x, -math.log(p_x), mean_k1)
+    assert abs(total - 1) < 1e-9  # the sampler's distribution is normalised
+
+
+def test_exact_likelihood_at_alpha0_zero_is_the_ar_likelihood():
+    model = sharp_model("B")
+    x = torch.randint(0, V, (4, L))
+    torch.testing.assert_close(model.exact_nll(x, 0.0, 3), model.nelbo(x, 0.0).detach())
+    with pytest.raises(ValueError, match="variant B"):
+        sharp_model("A").exact_nll(x, 0.5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampler invariants
 
