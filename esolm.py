@@ -215,7 +215,7 @@ def sequential_mask(n_clean, M, L, variant):
     """(B, 1, M+L, M+L) mask of the sequential forward (the AR term), layout [z ; x] in sorted order: clean
     tokens of z0 first, then its masked positions left to right; x is the clean sequence in the same order.
     z-query q sees itself and the x-keys before it; x is causal ((A): its clean block bidirectional) and never
-    sees z. METHOD.md's layout has L z-queries; the clean ones carry no loss and equal their x-twins, so only
+    sees z. The method's layout has L z-queries; the clean ones carry no loss and equal their x-twins, so only
     the M masked ones are fed: z-query r is sorted index n_clean + r (rows with fewer masks are padded;
     nothing reads the padding queries). L = 4, n_clean = 2, the full 2L layout, and what we keep (*):
 

@@ -1,4 +1,5 @@
-"""Parity tests for esolm.py: each one checks the code against an independent statement of METHOD.md.
+"""Parity tests for esolm.py: each one checks the code against an independent statement of the method
+(README, "The method, mapped to the code").
 Run: python -m pytest -q"""
 import itertools
 import math
@@ -105,7 +106,7 @@ def test_cache_is_preallocated_and_written_in_place(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["A", "B"])
 def test_sequential_training_forward_matches_sampler(variant):
-    """The AR term's training forward (sequential layout), METHOD's full 2L layout with a loop-built mask, the
+    """The AR term's training forward (sequential layout), the full 2L layout of the method with a loop-built mask, the
     uncached reference and the cached sampler give the same logits to the sequential-phase tokens, for the
     order and tokens the sampler used."""
     model = sharp_model(variant)
@@ -121,7 +122,7 @@ def test_sequential_training_forward_matches_sampler(variant):
     h, s, valid = model.sequential_forward(xs, order, torch.full((B,), c))
     assert valid.all() and torch.equal(s[0], torch.arange(c, L))
     compact = model.lm_head(h)
-    # METHOD.md's full [z ; x] layout of length 2L, with the mask written from its text
+    # the method's full [z ; x] layout of length 2L, with the mask written from its text
     zs = xs.clone()
     zs[:, c:] = model.mask_id
     full_mask = torch.tensor(brute_sequential(L, c, variant))[None, None]
@@ -131,7 +132,7 @@ def test_sequential_training_forward_matches_sampler(variant):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Masks against brute-force references written from METHOD.md section 5
+# Masks against brute-force references written from the method's text (section 5)
 
 def brute_diffusion(L, c, variant):
     A = [[False] * L for _ in range(L)]
@@ -171,7 +172,7 @@ def test_masks_equal_brute_force(variant, L_):
         full = brute_sequential(L_, c, variant)
         for r in range(M):
             row = got[b, 0, r].tolist()
-            if r < L_ - c:  # z-query of sorted index c + r: itself, then the x-part of METHOD's 2L row
+            if r < L_ - c:  # z-query of sorted index c + r: itself, then the x-part of the 2L row
                 assert row[:M] == [k == r for k in range(M)] and row[M:] == full[c + r][L_:]
             else:  # padding query (fewer masks in this row): unread, but it must see something, or SDPA gives NaN
                 assert row[r]
