@@ -55,6 +55,13 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def additive_mask(mask, dtype):
+    """bool mask (True = may attend) -> 0 / -inf, or None (causal) -> None."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -172,13 +179,18 @@ class Transformer(nn.Module):
     def forward(self, idx, pos, attn_mask=None, caches=None, start=0):
         """idx, pos: (B, T) token ids (mask_id allowed) and original positions, in sorted order.
         attn_mask: bool (B or 1, 1, T, start+T), True = may attend; None = causal; a pair for the sequential
-        layout (see sequential_forward). caches: one KVCache per layer,
-        written at slots [start, start+T) (sampling only). Returns the final hidden states (B, T, C): callers
+        layout (see sequential_forward). caches: one KVCache per layer, written at slots [start, start+T)
+        (sampling only). Returns the final hidden states (B, T, C): callers
         apply lm_head only to the rows they need, which skips the C x V product on clean tokens."""
         x = self.drop(self.wte(idx))
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hs/2)
-        if torch.is_autocast_enabled(x.device.type):  # keep q, k in the autocast dtype, as SDPA wants
-            cos, sin = (u.to(torch.get_autocast_dtype(x.device.type)) for u in (cos, sin))
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # that of q, k, v
+        cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))  # (B, 1, T, hs/2)
+        # SDPA turns a bool mask into an additive one on every call: do it once for all layers
+        if isinstance(attn_mask, tuple):
+            attn_mask = tuple(additive_mask(m, dtype) for m in attn_mask)
+        else:
+            attn_mask = additive_mask(attn_mask, dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attn_mask, caches[i] if caches else None, start)
         return self.ln_f(x)
