@@ -10,14 +10,23 @@ Layout convention used everywhere: a forward pass sees the tokens in *sorted ord
 masks, §5). `order[b, i]` is the original position of the i-th token of row b, and RoPE is computed from it,
 so the attention mask is the only place the order shows up.
 """
+import contextlib
+import http.client
+import json
 import math
+import os
+import urllib.request
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 EPS = 1e-3  # alpha_1 = alpha0 * EPS: the log-linear schedule never masks with probability exactly 1 (§3)
+VARIANTS = ("A", "B")  # (B): KV cache in both phases; (A): bidirectional clean tokens, cache in the sequential phase
+LOSS_TYPES = ("elbo", "low_var")
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: the default denominator of MFU
 
 
 @dataclass
@@ -30,12 +39,24 @@ class EsoLMConfig:
     dropout: float = 0.0
     variant: str = "B"  # "B": KV cache in both phases; "A": bidirectional clean tokens, cache in the AR phase
     rope_base: float = 10000.0
+    # the two switches the paper's published DiT needs (see from_pretrained); off, the model is nanoGPT's
+    bias: bool = False  # biases in the LayerNorms, the MLP and lm_head; attention has none either way
+    gelu: str = "exact"  # "exact" erf GELU, or "tanh": the approximation the paper's network uses
 
     def __post_init__(self):
-        if self.variant not in ("A", "B"):
-            raise ValueError(f"variant must be 'A' or 'B', got {self.variant!r}")
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd / n_head must be an even integer for RoPE, got {self.n_embd}/{self.n_head}")
+        for key, ok, rule in (
+                ("vocab_size", self.vocab_size >= 1, "must be at least 1"),
+                ("block_size", self.block_size >= 1, "must be at least 1"),
+                ("n_layer", self.n_layer >= 1, "must be at least 1"),
+                ("n_embd", self.n_embd >= 1, "must be at least 1"),
+                ("n_head", self.n_head >= 1 and self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2 == 0,
+                 f"n_embd / n_head ({self.n_embd} / {self.n_head}) must be an even integer: RoPE turns pairs of "
+                 "channels"),
+                ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+                ("variant", self.variant in VARIANTS, f"must be one of {', '.join(VARIANTS)}"),
+                ("gelu", self.gelu in ("exact", "tanh"), "must be exact or tanh")):
+            if not ok:
+                raise ValueError(f"{key}={getattr(self, key)}: {rule}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -56,21 +77,22 @@ def apply_rope(x, cos, sin):
 
 
 def additive_mask(mask, dtype):
-    """bool mask (True = may attend) -> 0 / -inf, or None (causal) -> None."""
-    if mask is None:
-        return None
+    """bool mask (True = may attend) -> 0 / -inf; None (causal) and masks already additive pass as they are."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.gelu == "tanh" else "none"  # F.gelu's name for the two choices
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,9 +162,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = Attention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, attn_mask, cache=None, start=0):
@@ -161,9 +183,9 @@ class Transformer(nn.Module):
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # + 1 row for the mask token
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         # untied head over the real tokens only: the mask is never predicted (zero-masking of SUBS, §2)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -172,19 +194,25 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 2:  # linear and embedding weights; LayerNorm weights stay 1
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02)
+            elif name.endswith(".bias"):  # with config.bias: start at 0, as nanoGPT does
+                nn.init.zeros_(p)
+
+    def compute_dtype(self):
+        """The dtype of q, k and v: autocast's when it is on, else the weights'."""
+        dev = self.wte.weight.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.wte.weight.dtype
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, pos, attn_mask=None, caches=None, start=0):
         """idx, pos: (B, T) token ids (mask_id allowed) and original positions, in sorted order.
-        attn_mask: bool (B or 1, 1, T, start+T), True = may attend; None = causal; a pair for the sequential
-        layout (see sequential_forward). caches: one KVCache per layer, written at slots [start, start+T)
+        attn_mask: (B or 1, 1, T, start+T), bool (True = may attend) or additive (0 / -inf); None = causal; a pair
+        for the sequential layout (see sequential_forward). caches: one KVCache per layer, written at slots [start, start+T)
         (sampling only). Returns the final hidden states (B, T, C): callers
         apply lm_head only to the rows they need, which skips the C x V product on clean tokens."""
         x = self.drop(self.wte(idx))
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # that of q, k, v
+        dtype = self.compute_dtype()
         cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))  # (B, 1, T, hs/2)
         # SDPA turns a bool mask into an additive one on every call: do it once for all layers
         if isinstance(attn_mask, tuple):
@@ -264,13 +292,33 @@ def mdm_weight(alpha0, t):
     return alpha0 * (1 - EPS) / (1 - alpha_t(alpha0, t))
 
 
+def p_diffusion(alpha0):
+    """Probability that the diffusion phase, not the sequential one, decodes a given masked position: the fraction
+    of masks the schedule unmasks from t = 1 to t = 0, (alpha_0 - alpha_1) / (1 - alpha_1) (§6.1)."""
+    return (alpha_t(alpha0, 0.0) - alpha_t(alpha0, 1.0)) / (1 - alpha_t(alpha0, 1.0))
+
+
 def rand(*shape, device, generator=None, dtype=torch.float32):
     return torch.rand(shape, device=device, generator=generator, dtype=dtype)
 
 
-def antithetic_t(n, device, generator=None):
-    """t_i = (u + i/n) mod 1 (§4), mapped to (0, 1] so that t = 0 (no masks, infinite weight) cannot occur."""
-    return 1 - (rand(1, device=device, generator=generator) + torch.arange(n, device=device) / n) % 1
+def stratified_t(n, device, generator=None):
+    """t for n rows as the official code draws it (§4): row i takes its own uniform inside the i-th of n equal slices
+    of [0, 1), mapped to [EPS, 1). The slices cover the schedule evenly (lower variance than independent draws) and
+    t >= EPS bounds the MDM weight by about 1 / EPS, so a t near 0 cannot make a loss spike."""
+    u = (rand(n, device=device, generator=generator) + torch.arange(n, device=device)) / n
+    return EPS + (1 - EPS) * u
+
+
+def mdm_rows(B, alpha0, batch_split):
+    """How many of B rows (the first ones) estimate the MDM term in training; the others estimate the AR term (§4).
+    When alpha0 is 0 or 1 the absent term takes no rows."""
+    if alpha0 in (0, 1):
+        return B * int(alpha0)
+    if 0 < batch_split < 1 and B >= 2:
+        return min(max(round(B * batch_split), 1), B - 1)
+    raise ValueError(f"0 < alpha0 < 1 needs both terms: batch_split in (0, 1) and at least 2 rows, got "
+                     f"batch_split={batch_split} and {B} rows")
 
 
 def nll_per_row(logits, targets, sel):
@@ -337,9 +385,10 @@ def _check_alpha0(alpha0):
 
 class EsoLM(Transformer):
 
-    def diffusion_forward(self, zs, order, n_clean):
-        """The L-token forward over z_t in sorted order (clean first, §5). Hidden states (B, L, C)."""
-        mask = None if self.config.variant == "B" else diffusion_mask(n_clean, zs.size(1), "A")
+    def diffusion_forward(self, zs, order, prefix):
+        """The L-token forward over z_t in sorted order (clean first, §5). Hidden states (B, L, C). prefix (B,): the
+        size of (A)'s bidirectional clean block (in training, all its clean tokens); (B) is causal and ignores it."""
+        mask = None if self.config.variant == "B" else diffusion_mask(prefix, zs.size(1), "A")
         return self(zs, order, mask)
 
     def sequential_forward(self, xs, order, n_clean):
@@ -361,42 +410,49 @@ class EsoLM(Transformer):
     # NELBO (§4)
 
     def nelbo(self, x, alpha0, generator=None):
-        """One Monte Carlo draw of the NELBO of each row of x (B, L), in nats per sequence: AR term + MDM term,
-        both on every row, t antithetic over the batch."""
+        """One Monte Carlo draw of the NELBO of each row of x (B, L), in nats per sequence. Generation has two stages:
+        the diffusion phase turns all-masks into z0 (about alpha0 L clean tokens), then the sequential phase decodes
+        x from z0 left to right. So -log p(x) <= AR term (-log p(x | z0), teacher-forced) + MDM term (the MDLM bound
+        on z0, restricted to t in [0, 1]). Both terms on every row; t stratified over the rows."""
         self._check_x(x)
         _check_alpha0(alpha0)
-        t = antithetic_t(x.size(0), x.device, generator)
+        t = stratified_t(x.size(0), x.device, generator)
         mdm_nll, _ = self._mdm_term(x, alpha0, t, generator)
         return self._ar_term(x, alpha0, generator) + mdm_weight(alpha0, t) * mdm_nll
 
     def loss(self, x, alpha0, batch_split=0.5, loss_type="elbo"):
-        """Training objective, a per-token NELBO estimate: the first rows (fraction batch_split) estimate the MDM
-        term, the others the AR term; each is averaged over its own tokens and the two are added (§4). When
-        alpha0 is 0 or 1 the absent term takes no rows. loss_type "low_var" replaces the weighted MDM term by
-        the plain mean of -log p over its masked tokens."""
+        """Training objective, a per-token NELBO estimate: the sum of the two terms of `loss_terms`."""
+        mdm, ar = self.loss_terms(x, alpha0, batch_split, loss_type)
+        return mdm + ar
+
+    def loss_terms(self, x, alpha0, batch_split=0.5, loss_type="elbo"):
+        """(MDM term, AR term), each a per-token estimate: the first rows of x (fraction batch_split, see mdm_rows)
+        estimate the MDM term, the others the AR term, each averaged over all tokens of its own rows (§4); an absent
+        term is 0. loss_type "low_var" drops the MDM weight: the plain -log p of the masked tokens, divided by all
+        tokens of the MDM rows as the weighted term is (the official code's choice)."""
         self._check_x(x)
         _check_alpha0(alpha0)
-        if loss_type not in ("elbo", "low_var"):
-            raise ValueError(f"loss_type must be 'elbo' or 'low_var', got {loss_type!r}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         B, L = x.shape
-        if alpha0 in (0, 1):
-            n_mdm = B * int(alpha0)
-        elif 0 < batch_split < 1 and B >= 2:
-            n_mdm = min(max(round(B * batch_split), 1), B - 1)
-        else:
-            raise ValueError(f"0 < alpha0 < 1 needs both terms: batch_split in (0, 1) and at least 2 rows, got "
-                             f"batch_split={batch_split} and {B} rows")
-        loss = 0.0
+        n_mdm = mdm_rows(B, alpha0, batch_split)
+        mdm = ar = torch.zeros((), device=x.device)
         if n_mdm:
-            t = antithetic_t(n_mdm, x.device)
-            nll, n_masked = self._mdm_term(x[:n_mdm], alpha0, t)
-            if loss_type == "elbo":
-                loss = loss + (mdm_weight(alpha0, t) * nll).sum() / (n_mdm * L)
-            else:
-                loss = loss + nll.sum() / n_masked.sum().clamp(min=1)
+            t = stratified_t(n_mdm, x.device)
+            nll, _ = self._mdm_term(x[:n_mdm], alpha0, t)
+            mdm = (nll if loss_type == "low_var" else mdm_weight(alpha0, t) * nll).sum() / (n_mdm * L)
         if n_mdm < B:
-            loss = loss + self._ar_term(x[n_mdm:], alpha0).sum() / ((B - n_mdm) * L)
-        return loss
+            ar = self._ar_term(x[n_mdm:], alpha0).sum() / ((B - n_mdm) * L)
+        return mdm, ar
+
+    def loss_flops(self, B, alpha0, batch_split=0.5):
+        """FLOPs of forward + backward of `loss` on B rows, for MFU: 6 per weight per fed token (embedding lookups
+        are free) plus attention, 12 n_layer C L per token (nanoGPT's count). An MDM row feeds L tokens, an AR row
+        L x-tokens plus one z-query per masked position, about (1 - alpha0) L."""
+        L, C = self.config.block_size, self.config.n_embd
+        n_mdm = mdm_rows(B, alpha0, batch_split)
+        fed = n_mdm * L + (B - n_mdm) * (2 - alpha0) * L
+        return (6 * (self.num_params() - self.wte.weight.numel()) + 12 * self.config.n_layer * C * L) * fed
 
     def _mdm_term(self, x, alpha0, t, generator=None):
         """sum_{l in M(z_t)} -log p(x_l | z_t) for each row (unweighted), and |M(z_t)|."""
@@ -416,8 +472,9 @@ class EsoLM(Transformer):
         masked = rand(B, L, device=x.device, generator=generator) < 1 - alpha0  # M(z0); every token at alpha0 = 0
         if not masked.any():
             return torch.zeros(B, device=x.device)
-        # sorted order: the clean tokens of z0 first (in a random order for (B); (A) sees them bidirectionally,
-        # so left to right will do), then the masked positions left to right
+        # sorted order: the clean tokens of z0 first, then the masked positions left to right. (B) takes the clean
+        # ones in a random order, because its sampler decodes them in a random order and a clean token only sees
+        # those before it; (A) sees them all both ways, so any order does
         order = clean_first_order(~masked, self.config.variant == "B", generator)
         return self._sequential_nll(x, order, L - masked.sum(1))
 
@@ -432,19 +489,18 @@ class EsoLM(Transformer):
         """-log mean_k p(x | order_k) of each row, nats per sequence (§7). Decoding one token per call along a
         fixed generation order, Eso-LM (B) is an AR model over that order, scored exactly by one sequential forward
         with every token masked. The orders follow the sampler's law: each position is a diffusion position with
-        the probability that the diffusion phase reveals it, those come first in a random order, the rest left to
-        right. K = 1 is the exact likelihood of one order; the log-mean-exp over K orders is an importance-weighted
-        bound on -log p(x) under the sampler that tightens as K grows."""
+        probability p_diffusion(alpha0), those come first in a random order, the rest left to right; each row draws
+        its own orders. K = 1 is the exact likelihood of one order; the log-mean-exp over K orders is an
+        importance-weighted bound on -log p(x) under the sampler that tightens as K grows."""
         if self.config.variant != "B":
             raise ValueError("exact_nll needs variant B: the clean tokens of (A) see each other both ways")
         self._check_x(x)
         _check_alpha0(alpha0)
         B, L = x.shape
-        p_diffusion = alpha0 * (1 - EPS) / (1 - alpha0 * EPS)  # 1 - P(left to the AR phase), see reveal_schedule
         no_clean = torch.zeros(B, dtype=torch.long, device=x.device)
         log_p = []
         for _ in range(num_orders):
-            diffusion = rand(B, L, device=x.device, generator=generator) < p_diffusion
+            diffusion = rand(B, L, device=x.device, generator=generator) < p_diffusion(alpha0)
             log_p.append(-self._sequential_nll(x, clean_first_order(diffusion, True, generator), no_clean))
         return math.log(num_orders) - torch.stack(log_p).logsumexp(0)
 
@@ -460,11 +516,14 @@ class EsoLM(Transformer):
     # Sampler (§6)
 
     @torch.no_grad()
-    def generate(self, num_samples, alpha0, steps, temperature=1.0, top_p=1.0, prompt=None, kv_cache=True,
-                 generator=None, return_logits=False):
-        """Sample (num_samples, L) token ids: a diffusion phase of `steps` steps, then a sequential phase.
+    def generate(self, num_samples, alpha0, steps, *, temperature=1.0, top_p=1.0, prompt=None, kv_cache=True,
+                 generator=None, compile=False, return_logits=False, return_calls=False):
+        """Sample (num_samples, L) token ids: a diffusion phase of `steps` steps, then a sequential phase (§6).
         kv_cache=False runs the uncached reference (a full L-token forward per call, what MDLM pays); both give
-        the same tokens for the same generator state. `generator` must live on the model's device."""
+        the same tokens for the same generator state. `generator` must live on the model's device. compile=True
+        runs each cached call's network through torch.compile (dynamic shapes; the first calls pay for compiling).
+        Returns x, then the logits of each call (a list of (B, k, V), at least float32) if return_logits, then the network
+        call that decoded each position ((B, L), 1 for the first call, 0 for given tokens) if return_calls."""
         _check_alpha0(alpha0)
         if not (isinstance(num_samples, int) and num_samples >= 1 and isinstance(steps, int) and steps >= 1):
             raise ValueError(f"num_samples and steps must be integers >= 1, got {num_samples} and {steps}")
@@ -473,45 +532,58 @@ class EsoLM(Transformer):
         was_training = self.training
         self.eval()  # dropout off: the cached and reference paths must compute the same function
         try:
-            return self._generate(num_samples, alpha0, steps, temperature, top_p, prompt, kv_cache, generator,
-                                  return_logits)
+            x, logits, calls = self._generate(num_samples, alpha0, steps, temperature, top_p, prompt, kv_cache,
+                                              generator, compile, return_logits)
         finally:
             self.train(was_training)
+        return (x, *([logits] if return_logits else []), *([calls] if return_calls else [])) \
+            if return_logits or return_calls else x
 
-    def _generate(self, B, alpha0, steps, temperature, top_p, prompt, kv_cache, generator, return_logits):
-        L = self.config.block_size
+    def _generate(self, B, alpha0, steps, temperature, top_p, prompt, kv_cache, generator, compile, return_logits):
+        L, dev = self.config.block_size, self.wte.weight.device
         z = self._prompt_template(prompt, B)  # (B, L), mask_id where a token is to be generated
         n_gen = int((z[0] == self.mask_id).sum())
-        k_diffusion, n_seq = reveal_schedule(n_gen, alpha0, steps, z.device, generator)
+        k_diffusion, n_seq = reveal_schedule(n_gen, alpha0, steps, dev, generator)
+        ks = k_diffusion + [1] * n_seq  # tokens decoded by each network call (NFE = len(ks)), Python ints: no syncs
         order = generation_order(z == self.mask_id, n_gen - n_seq, generator)  # (B, L) positions
         zs = z.gather(1, order)  # sorted: the given tokens, then the masks in generation order
         d = L - n_gen  # tokens decoded so far, the given ones included: zs[:, :d] is clean
         c_switch = L - n_seq  # clean tokens when the sequential phase starts
         caches = [KVCache(L) for _ in self.blocks] if kv_cache else None
-        n = 0  # cache slots holding clean tokens
-        all_logits = []
-        for k in k_diffusion + [1] * n_seq:  # one network call (NFE) each
+        i = torch.arange(L, device=dev)
+        causal = additive_mask(visible(i, i, 0), self.compute_dtype())  # (L, L), built once: each call takes a slice
+        net = torch.compile(self, dynamic=True) if compile else self
+        n_cached = 0  # cache slots [0, n_cached) hold keys/values that the coming calls can reuse as they are
+        logits_per_call = []
+        for k in ks:
             # (B): causal over the generation order. (A): the clean tokens form one bidirectional block, frozen
             # at c_switch once the sequential phase starts; the tokens decoded after it join causally
             prefix = 0 if self.config.variant == "B" else min(d, c_switch)
             if kv_cache:
-                # feed only what is not cached: the tokens decoded by the last call (now clean) and the k masks
-                # to decode now, at sorted indices [n, d + k); they see every cached key (§6.3)
-                q = torch.arange(n, d + k, device=z.device)
-                mask = visible(q, torch.arange(d + k, device=z.device), prefix)
-                h = self(zs[:, n:d + k], order[:, n:d + k], mask, caches, n)[:, d - n:]
+                # Feed only what is not cached: the tokens decoded by the last call (now clean, with their ids) and
+                # the k masks to decode now, sorted indices [n_cached, d + k). Why this is exact, for (B): under the
+                # causal mask over the generation order, a token's keys and values at every layer depend only on
+                # the tokens before it in the order; once it is clean, those are clean too and never change, so
+                # its keys/values are final and computed once. The masks not fed yet come after every fed token
+                # in the order, so no fed query may see them: leaving them out changes nothing (§6.3).
+                if prefix <= n_cached:  # each fed token sees every cached key and the fed ones up to itself
+                    mask = causal[n_cached:d + k, :d + k]
+                else:  # (A) before its block is cached: the block is fed whole and sees itself both ways
+                    mask = visible(i[n_cached:d + k], i[:d + k], prefix)
+                h = net(zs[:, n_cached:d + k], order[:, n_cached:d + k], mask, caches, n_cached)[:, d - n_cached:]
                 # keep the clean tokens' keys/values; the masks' slots get overwritten by the next call. (A)'s
                 # diffusion phase keeps none: its clean tokens see each other, so each new one changes them all
-                n = d if self.config.variant == "B" or d >= c_switch else 0
+                n_cached = d if self.config.variant == "B" or d >= c_switch else 0
             else:
-                h = self.diffusion_forward(zs, order, torch.full((B,), prefix, device=z.device))[:, d:d + k]
-            logits = self.lm_head(h)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, k, V)
+                h = self.diffusion_forward(zs, order, torch.full((B,), prefix, device=dev))[:, d:d + k]
+            logits = self.lm_head(h)  # (B, k, V) in the compute dtype; sample_tokens upcasts to float64
             zs[:, d:d + k] = sample_tokens(logits, temperature, top_p, generator)
-            all_logits.append(logits)
+            if return_logits:
+                logits_per_call.append(logits.to(torch.promote_types(logits.dtype, torch.float32)))
             d += k
         x = torch.empty_like(zs).scatter_(1, order, zs)
-        return (x, all_logits) if return_logits else x
+        call = torch.repeat_interleave(torch.arange(len(ks) + 1), torch.tensor([L - n_gen] + ks)).to(dev)
+        return x, logits_per_call, torch.empty_like(zs).scatter_(1, order, call.expand(B, L))
 
     def _prompt_template(self, prompt, B):
         """(B, L) ids: the prompt padded with mask_id to length L; mask_id marks the positions to generate."""
@@ -530,3 +602,214 @@ class EsoLM(Transformer):
             raise ValueError(f"every row of prompt must leave the same number of positions to generate (the rows "
                              f"share one reveal schedule), got {n_gen.tolist()}")
         return z
+
+    @classmethod
+    def from_pretrained(cls, source, dtype=torch.float32, **overrides):
+        """One of the paper's published Eso-LM (B) models, exactly, in eval mode. source: a folder holding
+        model.safetensors and config.json, or a hub id such as "sahoo-diffusion/Eso-LM-B-alpha-1" (downloaded once
+        into $ESOLM_CACHE, default ~/.cache/esolm). The fold is computed in float64, then cast to `dtype`.
+        overrides: EsoLMConfig fields, e.g. block_size. See the last section of this file."""
+        return load_official(cls, source, dtype, overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running it: the device and precision of every script, and the checkpoints train.py writes
+
+def resolve_device(name="auto"):
+    """"auto" -> "cuda" when there is a GPU, else "cpu"; any other name is checked to exist here (ValueError)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind, index = torch.device(name).type, torch.device(name).index
+    except RuntimeError:
+        kind, index = None, None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError("not a device this code runs on: use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"CUDA is not available on this machine (torch {torch.__version__}); use cpu or auto")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return name
+
+
+def autocast(device, dtype="auto"):
+    """(context, name) of the compute precision: dtype "auto" is bfloat16 autocast on a GPU that has it, else
+    float32 (no autocast); "bfloat16" asks for autocast on any device (on a CPU it is emulated, slowly)."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext(), dtype
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16), dtype
+
+
+CHECKPOINT_FORMAT = "esolm-checkpoint"  # the tag train.py writes into every checkpoint
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "iter_num", "best_val_loss", "model_config", "train_config",
+                   "dataset_meta")
+
+
+def load_checkpoint(path):
+    """A checkpoint of train.py, on the CPU: torch.load with weights_only=True, so a tampered pickle cannot run
+    code, then checked to be ours. Any problem is a ValueError that names it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for anything beyond tensors and plain data, or a damaged file
+        raise ValueError(f"{path} is not a checkpoint of this project, or is damaged: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this project (it has no {CHECKPOINT_FORMAT!r} tag)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is damaged: it lacks {', '.join(missing)}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu", ema=True):
+    """The model of a checkpoint in eval mode: its EMA weights when they were saved and `ema` is True."""
+    model = EsoLM(EsoLMConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema"] if ema and ckpt["ema"] else ckpt["model"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading the paper's published checkpoints (see README, "The paper's checkpoints")
+#
+# The authors' network is a DiT: after each LayerNorm comes adaLN, h * (1 + scale) + shift, and each residual
+# branch is multiplied by a gate, all computed from c = silu(sigma_map(sigma)). Eso-LMs always run at sigma = 0
+# (no time conditioning, §2), so c is one constant vector and so is every shift, scale and gate: they fold exactly
+# into LayerNorm weights and biases and into the residual projections. The DiT is then our backbone with bias=True
+# and gelu="tanh", and all of the above (masks, NELBO, KV cache) applies to it unchanged.
+
+HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"  # tests point it at a file:// folder
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file: an 8-byte little-endian header size N, N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": ...}, then the raw little-endian data."""
+    with open(path, "rb") as f:
+        raw = memoryview(f.read())
+    n = int.from_bytes(raw[:8], "little")
+    if len(raw) < 8 + n:
+        raise ValueError(f"{path}: truncated or not safetensors (header of {n} bytes, file of {len(raw)})")
+    header, data, tensors = json.loads(bytes(raw[8:8 + n])), raw[8 + n:], {}
+    header.pop("__metadata__", None)
+    for name, t in header.items():
+        (begin, end), dtype = t["data_offsets"], SAFETENSORS_DTYPES.get(t["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {t['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
+        if end > len(data) or end - begin != math.prod(t["shape"]) * dtype.itemsize:
+            raise ValueError(f"{path}: truncated: tensor {name!r} {t['shape']} needs bytes [{begin}, {end}) of "
+                             f"the {len(data)} stored")
+        tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).view(t["shape"])  # an aligned copy
+    return tensors
+
+
+def download(repo, file):
+    """Local path of `file` of the hub repository `repo`, downloaded on first use. It is written under a temporary
+    name and renamed once complete, so that an interrupted download is never mistaken for the file."""
+    path = os.path.join(os.environ.get("ESOLM_CACHE") or os.path.expanduser("~/.cache/esolm"),
+                        repo.replace("/", "--"), file)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        url, part = HUB_URL.format(repo=repo, file=file), path + ".part"
+        try:
+            with (urllib.request.urlopen(url) as r, open(part, "wb") as f,
+                  tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                       desc=f"{repo}/{file}") as bar):
+                while chunk := r.read(1 << 20):
+                    bar.update(f.write(chunk))
+            if bar.total and bar.n != bar.total:  # urllib ends a cut-off body without an error
+                raise OSError(f"the connection closed after {bar.n} of {bar.total} bytes")
+            os.replace(part, path)
+        except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError are OSErrors
+            if os.path.exists(part):
+                os.remove(part)
+            raise OSError(f"could not download {url}: {e} (is {repo!r} a public hub id, or a folder?)") from None
+    return path
+
+
+def fold_official(sd, n_layer):
+    """Our backbone's state_dict from the DiT's: the constant adaLN vectors, computed once from c = silu(sigma_map(0))
+    in float64, multiplied into the weights they act on."""
+    def f64(key):  # the products below are formed in float64 and rounded once, to the model's dtype
+        return sd[key].double()
+
+    half = sd["sigma_map.mlp.0.weight"].size(1) // 2
+    t_freq = torch.cat([torch.ones(half), torch.zeros(half)]).double()  # [cos(0 * freq)] + [sin(0 * freq)]
+    c = F.silu(F.linear(t_freq, f64("sigma_map.mlp.0.weight"), f64("sigma_map.mlp.0.bias")))
+    c = F.silu(F.linear(c, f64("sigma_map.mlp.2.weight"), f64("sigma_map.mlp.2.bias")))  # the DiT applies silu again
+
+    def adaln(prefix, n):  # the n modulation vectors (C,) of one adaLN layer
+        return F.linear(c, f64(prefix + "adaLN_modulation.weight"), f64(prefix + "adaLN_modulation.bias")).chunk(n)
+
+    out = {"wte.weight": sd["vocab_embed.embedding"]}
+    for b in (f"blocks.{i}." for i in range(n_layer)):
+        shift1, scale1, gate1, shift2, scale2, gate2 = adaln(b, 6)
+        out |= {b + "ln_1.weight": f64(b + "norm1.weight") * (1 + scale1), b + "ln_1.bias": shift1,
+                b + "attn.c_attn.weight": sd[b + "attn_qkv.weight"],  # the same (three, heads, head size) layout
+                b + "attn.c_proj.weight": gate1[:, None] * f64(b + "attn_out.weight"),
+                b + "ln_2.weight": f64(b + "norm2.weight") * (1 + scale2), b + "ln_2.bias": shift2,
+                b + "mlp.c_fc.weight": sd[b + "mlp.0.weight"], b + "mlp.c_fc.bias": sd[b + "mlp.0.bias"],
+                b + "mlp.c_proj.weight": gate2[:, None] * f64(b + "mlp.2.weight"),
+                b + "mlp.c_proj.bias": gate2 * f64(b + "mlp.2.bias")}
+    shift, scale = adaln("output_layer.", 2)
+    # lm_head leaves out the mask's row (the last): the DiT sets that logit to -1e6, whose exp is exactly 0, so the
+    # softmax over the other rows is the same
+    return out | {"ln_f.weight": f64("output_layer.norm_final.weight") * (1 + scale), "ln_f.bias": shift,
+                  "lm_head.weight": sd["output_layer.linear.weight"][:-1],
+                  "lm_head.bias": sd["output_layer.linear.bias"][:-1]}
+
+
+def load_official(cls, source, dtype, overrides):
+    """EsoLM.from_pretrained: read, check, fold, build."""
+    paths = [os.path.join(source, f) if os.path.isdir(source) else download(source, f)
+             for f in ("config.json", "model.safetensors")]
+    with open(paths[0]) as f:
+        meta = json.load(f)
+    sd = {k.removeprefix("backbone."): v for k, v in read_safetensors(paths[1]).items()}  # the hub's wrapper adds it
+    for k in ("vocab_embed.embedding", "sigma_map.mlp.0.weight", "rotary_emb.inv_freq"):  # read for the config
+        if k not in sd:
+            raise ValueError(f"{paths[1]}: missing tensor {k!r}")
+    (rows, C), (cond, n_freq) = sd["vocab_embed.embedding"].shape, sd["sigma_map.mlp.0.weight"].shape
+    # config.json of the hub's files holds n_blocks, n_heads, model_length; a bare mixin save only mask_index and
+    # vocab_size: then the depth and head size come off the tensors (RoPE spans a head), and L is the paper's 1024
+    n_blocks = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    config = EsoLMConfig(**{"vocab_size": rows - 1, "n_embd": C, "n_layer": meta.get("n_blocks", n_blocks),
+                            "n_head": meta.get("n_heads", max(1, C // (2 * len(sd["rotary_emb.inv_freq"])))),
+                            "block_size": meta.get("model_length", 1024), "variant": "B", "bias": True, "gelu": "tanh",
+                            **overrides})
+    if meta.get("mask_index", rows - 1) != config.vocab_size:
+        raise ValueError(f"{paths[0]}: mask_index {meta['mask_index']} is not the last embedding row, "
+                         f"{config.vocab_size}, where this backbone keeps the mask")
+    R, hs = config.vocab_size + 1, C // config.n_head  # embedding and output rows: the tokens, then the mask
+    block = {"norm1.weight": (C,), "attn_qkv.weight": (3 * C, C), "attn_out.weight": (C, C), "norm2.weight": (C,),
+             "mlp.0.weight": (4 * C, C), "mlp.0.bias": (4 * C,), "mlp.2.weight": (C, 4 * C), "mlp.2.bias": (C,),
+             "adaLN_modulation.weight": (6 * C, cond), "adaLN_modulation.bias": (6 * C,)}
+    want = {"vocab_embed.embedding": (R, C), "sigma_map.mlp.0.weight": (cond, n_freq), "sigma_map.mlp.0.bias": (cond,),
+            "sigma_map.mlp.2.weight": (cond, cond), "sigma_map.mlp.2.bias": (cond,), "rotary_emb.inv_freq": (hs // 2,),
+            "output_layer.norm_final.weight": (C,), "output_layer.linear.weight": (R, C),
+            "output_layer.linear.bias": (R,), "output_layer.adaLN_modulation.weight": (2 * C, cond),
+            "output_layer.adaLN_modulation.bias": (2 * C,),
+            **{f"blocks.{i}.{k}": shape for i in range(config.n_layer) for k, shape in block.items()}}
+    for k in sorted(want.keys() | sd.keys()):
+        if k not in sd or k not in want:
+            raise ValueError(f"{paths[1]}: {'missing' if k not in sd else 'unexpected'} tensor {k!r} (an Eso-LM DiT "
+                             f"with {config.n_layer} blocks has {len(want)} tensors)")
+        if tuple(sd[k].shape) != want[k]:
+            raise ValueError(f"{paths[1]}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {want[k]}")
+    # Non-constant conditioning. When sigma is always 0, the columns of sigma_map's first layer that multiply
+    # sin(sigma * freq) only ever see zeros: no gradient, so they keep their nn.Linear init, within +-1/sqrt(fan_in)
+    # (weight decay only shrinks them). Training with time conditioning moves them out of that range, and such a
+    # model, folded at sigma = 0, would silently be a different model.
+    if sd["sigma_map.mlp.0.weight"][:, n_freq // 2:].abs().max() > 1 / math.sqrt(n_freq):
+        raise ValueError(f"{paths[1]}: the sin(sigma * freq) columns of sigma_map.mlp.0.weight were trained: a model "
+                         f"with time conditioning, whose adaLN is not constant, does not fold into this backbone")
+    model = cls(config).to(dtype)
+    model.load_state_dict(fold_official(sd, config.n_layer))
+    # RoPE as the DiT builds it, float32 angles from the stored inv_freq: the tables then match its own bit for bit
+    # (rope_tables' float64 angles differ by up to 4e-5 at L = 1024)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), sd["rotary_emb.inv_freq"].float())
+    model.rope_cos.copy_(angles.cos())
+    model.rope_sin.copy_(angles.sin())
+    return model.eval()

@@ -1,46 +1,31 @@
 """
-Sample from a checkpoint written by train.py.
+Sample from a checkpoint written by train.py, or from one of the paper's published models.
 
-    python sample.py --out_dir=out                                # 4 samples at the alpha0 the model trained with
+    python sample.py --out_dir=out                                # samples at the alpha0 the model trained with
+    python sample.py --out_dir=out --show                         # watch sample 1 decode, one frame per network call
     python sample.py --out_dir=out --alpha0=1 --steps=32          # any alpha0 and number of diffusion steps
     python sample.py --out_dir=out --prompt="**ROMEO**"           # continue a prefix
     python sample.py --out_dir=out --infill="**ROMEO**
 [[60]]
 **JULIET**"                                                       # [[n]]: n tokens to generate there
+    python sample.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-0_25 --prompt="The" --steps=1024
 
-Positions after the prompt or template are generated too. Each batch prints its number of network calls (NFE)
-and wall time.
+Positions after the prompt or template are generated too. Each sample is cut at its first end-of-text token after
+the prompt (--no-cut_eot keeps the whole canvas). Each batch prints its number of network calls (NFE) and wall
+time; for byte-level data, the share of the samples' words that occur in the training text follows.
 """
 import argparse
 import os
 import re
+import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 import prepare_data
-from esolm import EsoLM, EsoLMConfig
+from esolm import EsoLM, autocast, load_checkpoint, model_from_checkpoint, resolve_device
 
-CHECKPOINT_FORMAT = "esolm-checkpoint"
-CHECKPOINT_KEYS = ("model", "ema", "optimizer", "iter_num", "best_val_loss", "model_config", "train_config",
-                   "dataset_meta")
-
-
-def load_checkpoint(path, device="cpu"):
-    """torch.load with weights_only=True, so a tampered pickle cannot run code, then check that it is ours."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # UnpicklingError for anything beyond tensors and plain data, or a damaged file
-        raise ValueError(f"{path} is not a checkpoint of this project, or is damaged: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of this project (it has no {CHECKPOINT_FORMAT!r} tag)")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is damaged: it lacks {', '.join(missing)}")
-    return ckpt
+MASK_GLYPH = "\u2591"  # how --show draws a position that is still masked
 
 
 def encode_template(text, tokenizer, mask_id):
@@ -51,44 +36,111 @@ def encode_template(text, tokenizer, mask_id):
     return ids
 
 
+def cut_at_eot(row, start, eot_id):
+    """The tokens of a sample up to its first end-of-text token at or after `start` (the prompt's end)."""
+    return row[:row.index(eot_id, start)] if eot_id in row[start:] else row
+
+
+def render(row, decoded, tokenizer):
+    """The canvas of one sample: decoded runs as text, each position still masked as MASK_GLYPH."""
+    text, i = [], 0
+    while i < len(row):
+        j = i
+        while j < len(row) and decoded[j] == decoded[i]:
+            j += 1
+        text.append(tokenizer.decode(row[i:j]) if decoded[i] else MASK_GLYPH * (j - i))
+        i = j
+    return "".join(text)
+
+
+def show(row, call, nfe, tokenizer):
+    """Replay the decoding of one sample: the canvas after each network call (call[i]: the call that decoded
+    position i, 0 for the prompt). In a terminal the frames redraw in place over about 8 seconds; piped, at most
+    24 of them are printed, evenly spaced."""
+    tty = sys.stdout.isatty()
+    frames = range(nfe + 1) if tty else sorted({round(i * nfe / 23) for i in range(24)})
+    for c in frames:
+        head = f"---------- after call {c} of {nfe}: {call.count(c)} new token(s), {sum(k > c for k in call)} masked"
+        canvas = render(row, [k <= c for k in call], tokenizer)
+        if tty:
+            print("\x1b[H\x1b[J" + head + "\n" + canvas, flush=True)  # home and clear, then draw
+            time.sleep(min(0.3, max(0.02, 8 / max(nfe, 1))))
+        else:
+            print(head + "\n" + canvas)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
+    p.add_argument("--init_from", default="", help="a published model instead: hub id or folder (GPT-2 tokens)")
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=0, help="samples per call of generate (0: all at once)")
     p.add_argument("--alpha0", type=float, default=None, help="default: the value the model trained with")
     p.add_argument("--steps", type=int, default=0, help="diffusion steps T (0: block_size)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; the paper shows samples at 0.9")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling, as the paper's samples; 1: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--infill", default="", help="template: text with [[n]] where n tokens are to be generated")
+    p.add_argument("--show", action="store_true", help="watch sample 1 decode: the canvas after each network call")
+    p.add_argument("--cut_eot", action=argparse.BooleanOptionalAction, default=True,
+                   help="cut each sample at its first end-of-text token after the prompt")
     p.add_argument("--kv_cache", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile the cached calls")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights if saved")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it), bfloat16 or float32")
     args = p.parse_args(argv)
-    if args.prompt and args.infill:
-        p.error("give --prompt or --infill, not both")
 
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    def die(msg):
+        raise SystemExit(f"sample.py: {msg}")
+
+    # every setting is checked here, before the checkpoint is read
+    for key, ok, rule in (
+            ("num_samples", args.num_samples >= 1, "must be at least 1"),
+            ("batch_size", args.batch_size >= 0, "must be at least 1, or 0 for all samples at once"),
+            ("alpha0", args.alpha0 is None or 0 <= args.alpha0 <= 1, "must be in [0, 1]"),
+            ("steps", args.steps >= 0, "must be at least 1, or 0 for block_size"),
+            ("temperature", args.temperature >= 0, "must be at least 0 (0: greedy)"),
+            ("top_p", 0 < args.top_p <= 1, "must be in (0, 1] (1: no nucleus filter)"),
+            ("seed", args.seed >= 0, "must be at least 0"),
+            ("dtype", args.dtype in ("auto", "bfloat16", "float32"), "must be auto, bfloat16 or float32"),
+            ("infill", not (args.prompt and args.infill), "give --prompt or --infill, not both")):
+        if not ok:
+            die(f"--{key}={getattr(args, key)}: {rule}")
     try:
-        ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), device)
-        tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
+        device = resolve_device(args.device)
     except ValueError as e:
-        raise SystemExit(f"sample.py: {e}")
-    config = EsoLMConfig(**ckpt["model_config"])
-    model = EsoLM(config)
-    model.load_state_dict(ckpt["ema"] if args.ema and ckpt["ema"] else ckpt["model"])
-    model.to(device).eval()
-    alpha0 = ckpt["train_config"]["alpha0"] if args.alpha0 is None else args.alpha0
+        die(f"--device={args.device}: {e}")
+
+    flag = f"--init_from={args.init_from}" if args.init_from else f"--out_dir={args.out_dir}"
+    try:
+        if args.init_from:
+            model = EsoLM.from_pretrained(args.init_from).to(device)
+            tokenizer, source, trained_alpha0, data = prepare_data.get_tokenizer("gpt2"), args.init_from, None, None
+        else:
+            ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+            model = model_from_checkpoint(ckpt, device, args.ema)
+            tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
+            source = f"{args.out_dir}/ckpt.pt: iter {ckpt['iter_num']}"
+            trained_alpha0, data = ckpt["train_config"]["alpha0"], ckpt["train_config"]
+    except (ValueError, OSError) as e:
+        die(f"{flag}: {e}")
+    config = model.config
+    alpha0 = trained_alpha0 if args.alpha0 is None else args.alpha0
+    if alpha0 is None:
+        die(f"--alpha0 is needed for {args.init_from} (its config does not say which alpha0 it was trained with)")
+    if trained_alpha0 is not None and alpha0 != trained_alpha0:
+        print(f"note: sampling at alpha0={alpha0}, but the model trained at {trained_alpha0}: it saw diffusion "
+              f"contexts with at most about {trained_alpha0:.0%} clean tokens", file=sys.stderr)
     steps = args.steps or config.block_size
 
-    prompt = None
+    prompt, n_prompt = None, 0
     if args.prompt or args.infill:
         ids = encode_template(args.infill, tokenizer, model.mask_id) if args.infill else tokenizer.encode(args.prompt)
         if len(ids) > config.block_size:
-            raise SystemExit(f"sample.py: the prompt is {len(ids)} tokens, more than block_size={config.block_size}")
-        prompt = torch.tensor(ids, dtype=torch.long, device=device)
+            die(f"--{'infill' if args.infill else 'prompt'}: {len(ids)} tokens, more than block_size={config.block_size}")
+        prompt, n_prompt = torch.tensor(ids, dtype=torch.long, device=device), len(ids)
 
     nfe = 0
 
@@ -98,25 +150,38 @@ def main(argv=None):
 
     model.register_forward_hook(count_call)  # one network call (NFE) per forward of the whole model
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    print(f"{args.out_dir}/ckpt.pt: iter {ckpt['iter_num']}, variant {config.variant}, L = {config.block_size}; "
-          f"sampling alpha0={alpha0}, steps={steps}, temperature={args.temperature}, top_p={args.top_p}, "
-          f"kv_cache={args.kv_cache}")
+    amp, dtype = autocast(device, args.dtype)
+    print(f"{source}, variant {config.variant}, L = {config.block_size}; sampling alpha0={alpha0}, steps={steps}, "
+          f"temperature={args.temperature}, top_p={args.top_p}, kv_cache={args.kv_cache}, {dtype}")
     batch_size = args.batch_size or args.num_samples
+    texts, n_cut = [], 0
     for first in range(0, args.num_samples, batch_size):
         n = min(batch_size, args.num_samples - first)
         nfe, t0 = 0, time.time()
         try:
-            with autocast:
-                x = model.generate(n, alpha0, steps, args.temperature, args.top_p, prompt, args.kv_cache, generator)
+            with amp:
+                x, call = model.generate(n, alpha0, steps, temperature=args.temperature, top_p=args.top_p,
+                                         prompt=prompt, kv_cache=args.kv_cache, generator=generator,
+                                         compile=args.compile, return_calls=True)
         except ValueError as e:
-            raise SystemExit(f"sample.py: {e}")
+            die(e)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.time() - t0
+        if args.show and first == 0:
+            show(x[0].tolist(), call[0].tolist(), nfe, tokenizer)
         for i, row in enumerate(x.tolist()):
-            print(f"---------- sample {first + i + 1}\n{tokenizer.decode(row)}")
+            kept = cut_at_eot(row, n_prompt, tokenizer.eot_id) if args.cut_eot else row
+            n_cut += len(kept) < len(row)
+            texts.append(tokenizer.decode(kept[n_prompt if args.prompt else 0:]))
+            print(f"---------- sample {first + i + 1}\n{tokenizer.decode(kept)}")
         print(f"---------- batch of {n}: NFE {nfe}, {dt:.2f} s")
+    if args.cut_eot:
+        print(f"{n_cut} of {args.num_samples} samples cut at an end-of-text token (--no-cut_eot keeps them whole)")
+    if data and tokenizer.name == "bytes":
+        from evaluate import corpus_word_rate, training_words
+        rate = corpus_word_rate(texts, training_words(data["data_dir"], data["dataset"]))
+        print(f"corpus word rate: {rate:.1%} of the samples' words occur in the training text")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """Parity tests for esolm.py: each one checks the code against an independent statement of the method
 (README, "The method, mapped to the code").
 Run: python -m pytest -q"""
+import http.server
 import itertools
+import json
 import math
+import os
+import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from esolm import (EPS, EsoLM, EsoLMConfig, KVCache, alpha_t, antithetic_t, apply_rope, diffusion_mask,
-                   generation_order, mdm_weight, reveal_schedule, rope_tables, sample_tokens, sequential_mask)
+import esolm
+from esolm import (EPS, EsoLM, EsoLMConfig, KVCache, alpha_t, apply_rope, diffusion_mask, generation_order, mdm_weight,
+                   reveal_schedule, rope_tables, sample_tokens, sequential_mask, stratified_t)
 
 V, L = 13, 12
 
@@ -216,16 +222,78 @@ def test_alpha0_one_has_no_ar_term_and_the_mdlm_weight():
     with torch.no_grad():
         got = model.nelbo(x, 1.0, torch.Generator().manual_seed(4))
         g = torch.Generator().manual_seed(4)
-        t = antithetic_t(6, "cpu", g)
+        t = stratified_t(6, "cpu", g)
         nll, n_masked = model._mdm_term(x, 1.0, t, g)
-    torch.testing.assert_close(got, nll / t)
+    torch.testing.assert_close(got, nll / t, rtol=1e-6, atol=0)  # t is float32: 1/t and the weight round apart
 
 
-def test_antithetic_t_covers_the_unit_interval():
-    t = antithetic_t(8, "cpu", torch.Generator().manual_seed(0))
-    assert ((t > 0) & (t <= 1)).all()
-    gaps = t.sort().values.diff()
-    torch.testing.assert_close(gaps, torch.full((7,), 1 / 8))
+def test_stratified_t_stays_in_eps_1_and_covers_every_slice():
+    for seed in range(20):
+        t = stratified_t(8, "cpu", torch.Generator().manual_seed(seed))
+        assert ((t >= EPS) & (t < 1)).all()
+        u = (t - EPS) / (1 - EPS)  # back on [0, 1): row i must fall in the i-th of 8 equal slices
+        assert torch.equal((u * 8).floor().long(), torch.arange(8))
+
+
+def test_loss_is_the_nelbo_per_token():
+    """loss splits the batch between the terms; its expectation must still be E[nelbo] / L, the same scale for the
+    MDM and AR terms. At alpha0 = 0 both are deterministic and equal exactly."""
+    model = sharp_model("B", vocab_size=5, block_size=6)
+    x = torch.randint(0, 5, (1, 6)).repeat(8, 1)  # one sequence: every row estimates the same NELBO
+    torch.testing.assert_close(model.loss(x, 0.0), model.nelbo(x, 0.0).mean() / 6, atol=1e-12, rtol=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loss = torch.stack([model.loss(x, 0.5) for _ in range(1500)])  # each draw: 4 MDM rows, 4 AR rows
+        nelbo = torch.cat([model.nelbo(x, 0.5) for _ in range(750)]) / 6
+        mdm_ar = torch.stack([torch.stack(model.loss_terms(x, 0.5)) for _ in range(300)])
+    se = math.hypot(loss.std() / math.sqrt(len(loss)), nelbo.std() / math.sqrt(len(nelbo)))
+    assert abs(loss.mean() - nelbo.mean()) < 4 * se, (loss.mean(), nelbo.mean(), se)
+    assert (mdm_ar > 0).all()  # both terms present, each on its own rows
+
+
+def test_ar_term_sees_the_clean_tokens_of_z0_in_a_random_order(monkeypatch):
+    """The (B) sampler decodes the diffusion positions in a random order and each clean token sees only those before
+    it, so the AR term must train on random orders of the clean tokens of z0 (masked positions: left to right)."""
+    seen = []
+    forward = EsoLM.sequential_forward
+
+    def spy(self, xs, order, n_clean):
+        seen.append((order.clone(), n_clean.clone()))
+        return forward(self, xs, order, n_clean)
+
+    monkeypatch.setattr(EsoLM, "sequential_forward", spy)
+    model = sharp_model("B")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model._ar_term(torch.randint(0, V, (2000, L)), 0.5)
+    (order, n_clean), = seen
+    inversions, pairs = 0, 0
+    for row, c in zip(order.tolist(), n_clean.tolist()):
+        assert row[c:] == sorted(row[c:])  # the masked positions left to right
+        inversions += sum(a > b for a, b in itertools.combinations(row[:c], 2))
+        pairs += c * (c - 1) // 2
+    assert abs(inversions / pairs - 0.5) < 0.01  # a uniformly random order inverts half of its pairs
+
+
+def test_exact_nll_draws_diffusion_positions_as_the_sampler_does(monkeypatch):
+    """The fraction of positions exact_nll puts in the diffusion set must be the fraction the sampler's schedule
+    (reveal_schedule) leaves to the diffusion phase. With the real EPS the two candidates (alpha0 and the schedule's
+    alpha0 (1 - eps) / (1 - alpha0 eps)) differ by 2e-4, so EPS is raised to 0.5 to make the difference large."""
+    monkeypatch.setattr(esolm, "EPS", 0.5)
+    alpha0, n = 0.5, 400_000
+    k, n_seq = reveal_schedule(n, alpha0, 8, "cpu", torch.Generator().manual_seed(0))
+    sampler = sum(k) / n
+    fractions = []
+    first_order = esolm.clean_first_order
+
+    def spy(clean, shuffle, generator=None):
+        fractions.append(clean.double().mean().item())
+        return first_order(clean, shuffle, generator)
+
+    monkeypatch.setattr(esolm, "clean_first_order", spy)
+    sharp_model("B").exact_nll(torch.randint(0, V, (2000, L)), alpha0, 4, torch.Generator().manual_seed(0))
+    got = sum(fractions) / len(fractions)  # 96,000 positions
+    assert abs(got - sampler) < 4 * math.sqrt(0.25 / 96_000) and abs(got - alpha0) > 0.1, (got, sampler)
 
 
 def test_mdm_term_masks_at_rate_one_minus_alpha_t():
@@ -412,3 +480,286 @@ def test_bad_config_raises():
         EsoLMConfig(variant="C")
     with pytest.raises(ValueError, match="even"):
         EsoLMConfig(n_embd=30, n_head=2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's published checkpoints: from_pretrained against a reference of the official network (the DiT of
+# s-sahoo/Eso-LMs, models/dit.py), written here from its description and not from our backbone
+
+OV, OC, OL = 11, 32, 16  # vocabulary (the mask is id OV, the last embedding row), width, length of the tiny DiT
+
+
+def write_safetensors(path, tensors):
+    """The safetensors format: an 8-byte little-endian header size, a JSON header, then the raw bytes."""
+    codes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        blob = t.contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the official writer pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def official_state_dict(n_layer=2, n_head=2, cond=8, seed=0):
+    """A tiny DiT state_dict with the official keys and random values everywhere (the official code starts the adaLN
+    layers and the output layer at zero, which would hide a wrong fold). The sin(t * freq) half of sigma_map's input
+    stays in its nn.Linear init range, as in any model without time conditioning."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=0.4):
+        return torch.randn(shape, generator=g) * std
+
+    hs = OC // n_head
+    sd = {"vocab_embed.embedding": r(OV + 1, OC, std=1.0),
+          "sigma_map.mlp.0.weight": torch.cat([r(cond, 128), (torch.rand(cond, 128, generator=g) * 2 - 1) / 16], 1),
+          "sigma_map.mlp.0.bias": r(cond), "sigma_map.mlp.2.weight": r(cond, cond), "sigma_map.mlp.2.bias": r(cond),
+          "rotary_emb.inv_freq": 1.0 / (10000 ** (torch.arange(0, hs, 2).float() / hs))}
+    for i in range(n_layer):
+        sd |= {f"blocks.{i}.norm1.weight": 1 + r(OC), f"blocks.{i}.attn_qkv.weight": r(3 * OC, OC),
+               f"blocks.{i}.attn_out.weight": r(OC, OC), f"blocks.{i}.norm2.weight": 1 + r(OC),
+               f"blocks.{i}.mlp.0.weight": r(4 * OC, OC), f"blocks.{i}.mlp.0.bias": r(4 * OC),
+               f"blocks.{i}.mlp.2.weight": r(OC, 4 * OC, std=0.2), f"blocks.{i}.mlp.2.bias": r(OC),
+               f"blocks.{i}.adaLN_modulation.weight": r(6 * OC, cond), f"blocks.{i}.adaLN_modulation.bias": r(6 * OC)}
+    return sd | {"output_layer.norm_final.weight": 1 + r(OC), "output_layer.linear.weight": r(OV + 1, OC),
+                 "output_layer.linear.bias": r(OV + 1), "output_layer.adaLN_modulation.weight": r(2 * OC, cond),
+                 "output_layer.adaLN_modulation.bias": r(2 * OC)}
+
+
+def save_official(folder, sd, meta=None):
+    """As a bare PyTorchModelHubMixin save: config.json holds only the mask id and the embedding rows."""
+    os.makedirs(folder, exist_ok=True)
+    write_safetensors(os.path.join(folder, "model.safetensors"), sd)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(meta or {"mask_index": OV, "vocab_size": OV + 1}, f)
+    return str(folder)
+
+
+def load_tiny(folder, **overrides):
+    return EsoLM.from_pretrained(folder, dtype=torch.float64, **{"n_head": 2, "block_size": OL, **overrides})
+
+
+def official_logits(sd, idx, pos, allowed):
+    """The official EsoLMDiT forward, in float64: logits (B, T, V + 1) with the mask's logit at -1e6. idx, pos (B, T):
+    ids and original positions in sorted order; allowed (B, T, T): True where query i may attend to key j."""
+    W = {k.removeprefix("backbone."): v.double() for k, v in sd.items()}
+    inv_freq = sd[next(k for k in sd if k.endswith("rotary_emb.inv_freq"))].float()  # a float32 buffer in the DiT
+    B, T = idx.shape
+    C, hs = W["vocab_embed.embedding"].size(1), 2 * inv_freq.numel()
+    # conditioning: the timestep embedder at t = 0 (frequency embedding [cos(t f), sin(t f)], MLP), then silu
+    half = W["sigma_map.mlp.0.weight"].size(1) // 2
+    args = torch.zeros(1, 1) * torch.exp(-math.log(10000) * torch.arange(half) / half)
+    t_freq = torch.cat([args.cos(), args.sin()], -1).double()
+    c = F.silu(F.silu(t_freq @ W["sigma_map.mlp.0.weight"].T + W["sigma_map.mlp.0.bias"])
+               @ W["sigma_map.mlp.2.weight"].T + W["sigma_map.mlp.2.bias"])[0]
+    # rotary: float32 angles of positions 0..L-1, duplicated over the two halves of the head, gathered at pos
+    angles = torch.einsum("i,j->ij", torch.arange(OL).float(), inv_freq)
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = (f(emb).double()[pos][:, None] for f in (torch.cos, torch.sin))  # (B, 1, T, hs)
+
+    def rotary(t):  # t * cos + rotate_half(t) * sin
+        return t * cos + torch.cat([-t[..., hs // 2:], t[..., :hs // 2]], -1) * sin
+
+    def norm(x, w):  # the DiT's LayerNorm: no bias, eps 1e-5, weight applied after normalising
+        return F.layer_norm(x, (C,), eps=1e-5) * w
+
+    x = W["vocab_embed.embedding"][idx]
+    for i in range(1 + max(int(k.split(".")[1]) for k in W if k.startswith("blocks."))):
+        w = {k.removeprefix(f"blocks.{i}."): v for k, v in W.items() if k.startswith(f"blocks.{i}.")}
+        shift1, scale1, gate1, shift2, scale2, gate2 = (w["adaLN_modulation.weight"] @ c
+                                                        + w["adaLN_modulation.bias"]).chunk(6)
+        h = norm(x, w["norm1.weight"]) * (1 + scale1) + shift1
+        q, k, v = (h @ w["attn_qkv.weight"].T).view(B, T, 3, C // hs, hs).permute(2, 0, 3, 1, 4)
+        scores = rotary(q) @ rotary(k).transpose(-1, -2) / math.sqrt(hs)
+        y = (scores.masked_fill(~allowed[:, None], -math.inf).softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + gate1 * (y @ w["attn_out.weight"].T)
+        h = norm(x, w["norm2.weight"]) * (1 + scale2) + shift2
+        h = F.gelu(h @ w["mlp.0.weight"].T + w["mlp.0.bias"], approximate="tanh")
+        x = x + gate2 * (h @ w["mlp.2.weight"].T + w["mlp.2.bias"])
+    shift, scale = (W["output_layer.adaLN_modulation.weight"] @ c + W["output_layer.adaLN_modulation.bias"]).chunk(2)
+    h = norm(x, W["output_layer.norm_final.weight"]) * (1 + scale) + shift
+    logits = h @ W["output_layer.linear.weight"].T + W["output_layer.linear.bias"]
+    logits[..., OV] = -1e6  # the mask is never predicted
+    return logits
+
+
+def assert_matches_official(ours, ref, tol=1e-10):
+    """Our logits over the V real tokens against the official ones: the same numbers, and the same probabilities
+    (the official -1e6 mask logit and our head without the mask's row are the same softmax)."""
+    torch.testing.assert_close(ours, ref[..., :OV], atol=tol, rtol=0)
+    torch.testing.assert_close(ours.log_softmax(-1), ref.log_softmax(-1)[..., :OV], atol=tol, rtol=0)
+
+
+def causal(B, T):
+    return torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
+
+
+@pytest.fixture
+def official(tmp_path):
+    sd = official_state_dict()
+    return save_official(tmp_path / "ckpt", sd), sd
+
+
+def test_official_diffusion_and_sequential_forwards(official):
+    folder, sd = official
+    model = load_tiny(folder)
+    assert not model.training and model.config.n_layer == 2 and model.config.n_embd == OC
+    bare = EsoLM.from_pretrained(folder).config  # config.json lacks the heads (read off RoPE's inv_freq) and L
+    assert (bare.n_head, bare.block_size, bare.bias, bare.gelu) == (2, 1024, True, "tanh")
+    g = torch.Generator().manual_seed(0)
+    B = 3
+    x = torch.randint(0, OV, (B, OL), generator=g)
+    n_clean = torch.tensor([0, 5, 11])
+    # diffusion forward (B): any sorted order (clean tokens first, then masks), causal, RoPE at the original positions
+    order = torch.stack([torch.randperm(OL, generator=g) for _ in range(B)])
+    zs = x.gather(1, order).masked_fill(torch.arange(OL) >= n_clean[:, None], OV)
+    with torch.no_grad():
+        ours = model.lm_head(model.diffusion_forward(zs, order, n_clean))
+        gelu_exact = load_tiny(folder, gelu="exact")
+        wrong = gelu_exact.lm_head(gelu_exact.diffusion_forward(zs, order, n_clean))
+    ref = official_logits(sd, zs, order, causal(B, OL))
+    assert_matches_official(ours, ref)
+    assert (wrong - ref[..., :OV]).abs().max() > 1e-4  # the exact GELU is a different network: the test can tell
+    # sequential forward: clean tokens of z0 in a random order, then the masked positions left to right; the official
+    # layout is [z ; x] (2L tokens) with the block-diffusion mask of block size 1, logits read from z's masked rows
+    order = torch.stack([torch.cat([p[:c], p[c:].sort().values]) for p, c in
+                         zip((torch.randperm(OL, generator=g) for _ in range(B)), n_clean.tolist())])
+    xs = x.gather(1, order)
+    with torch.no_grad():
+        h, s, valid = model.sequential_forward(xs, order, n_clean)
+        ours = model.lm_head(h)
+    for b, c in enumerate(n_clean.tolist()):
+        zb = xs[b:b + 1].masked_fill(torch.arange(OL) >= c, OV)
+        mask = torch.tensor(brute_sequential(OL, c, "B"))[None]
+        ref = official_logits(sd, torch.cat([zb, xs[b:b + 1]], 1), torch.cat([order[b:b + 1]] * 2, 1), mask)
+        assert valid[b].sum() == OL - c
+        assert_matches_official(ours[b, :OL - c], ref[0, c:OL])
+    # alpha0 = 0: the NELBO is the exact AR NLL, every token masked in z, left to right
+    mask = torch.tensor(brute_sequential(OL, 0, "B"))[None].expand(B, -1, -1)
+    pos = torch.arange(OL).expand(B, OL)
+    ref = official_logits(sd, torch.cat([torch.full_like(x, OV), x], 1), torch.cat([pos, pos], 1), mask)[:, :OL]
+    ref_nll = -ref.log_softmax(-1).gather(-1, x[..., None]).squeeze(-1).sum(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.nelbo(x, 0.0), ref_nll, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("alpha0,steps", [(0.0, 4), (1.0, 5)])
+def test_official_cached_sampler(official, alpha0, steps):
+    """The KV-cached sampler's logits at each call (read off lm_head, in float64) against the official forward over
+    the sorted sequence decoded so far: the tokens of earlier calls clean, the rest masks."""
+    folder, sd = official
+    model = load_tiny(folder)
+    per_call = []
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, out: per_call.append(out))
+    x = model.generate(2, alpha0, steps, generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    k, n_seq, order = replay_schedule(3, model, OL, alpha0, steps, torch.ones(2, OL, dtype=torch.bool))
+    assert len(per_call) == len(k) + n_seq and (n_seq == 0 if alpha0 == 1 else k == [])
+    xs, d = x.gather(1, order), 0
+    for n, logits in zip(k + [1] * n_seq, per_call):
+        ref = official_logits(sd, xs.masked_fill(torch.arange(OL) >= d, OV), order, causal(2, OL))
+        assert_matches_official(logits, ref[:, d:d + n])
+        d += n
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda sd, meta: sd.pop("blocks.1.mlp.0.bias"), "missing tensor 'blocks.1.mlp.0.bias'"),
+    (lambda sd, meta: sd.pop("rotary_emb.inv_freq"), "missing tensor 'rotary_emb.inv_freq'"),
+    (lambda sd, meta: sd.update({"blocks.0.attn_out.bias": torch.zeros(OC)}),
+     "unexpected tensor 'blocks.0.attn_out.bias'"),
+    (lambda sd, meta: sd.update({"blocks.0.attn_qkv.weight": torch.zeros(3 * OC, OC + 1)}),
+     r"'blocks.0.attn_qkv.weight' has shape \(96, 33\), expected \(96, 32\)"),
+    (lambda sd, meta: sd.update({"rotary_emb.inv_freq": torch.ones(4)}), r"'rotary_emb.inv_freq' has shape \(4,\)"),
+    (lambda sd, meta: sd["sigma_map.mlp.0.weight"][:, 200].fill_(0.3), "sigma_map.mlp.0.weight.*time conditioning"),
+    (lambda sd, meta: meta.update({"mask_index": 0}), "mask_index 0 is not the last embedding row"),
+])
+def test_official_checkpoint_errors_name_the_problem(tmp_path, change, match):
+    sd, meta = official_state_dict(), {"mask_index": OV, "vocab_size": OV + 1}
+    change(sd, meta)
+    with pytest.raises(ValueError, match=match):
+        load_tiny(save_official(tmp_path, sd, meta))
+
+
+def test_truncated_safetensors_is_a_value_error(tmp_path):
+    sd = official_state_dict()
+    folder = save_official(tmp_path, sd)
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        data = f.read()
+    last = list(sd)[-1]  # the writer stores the tensors in order: cutting the end cuts the last one
+    for cut, match in [(data[:-5], f"truncated: tensor '{last}'"), (data[:100], "truncated or not safetensors")]:
+        with open(path, "wb") as f:
+            f.write(cut)
+        with pytest.raises(ValueError, match=match):
+            load_tiny(folder)
+
+
+def test_safetensors_dtypes_and_backbone_prefix(tmp_path):
+    """F32, F16, BF16 and F64 tensors read back bit for bit; keys saved from the hub's wrapper ("backbone.") load;
+    the hub's config.json (n_blocks, n_heads, model_length) needs no overrides."""
+    dtypes = itertools.cycle([torch.float16, torch.bfloat16, torch.float32, torch.float64])
+    sd = {f"backbone.{k}": v.to(next(dtypes)) for k, v in official_state_dict().items()}
+    meta = {"mask_index": OV, "vocab_size": OV + 1, "n_blocks": 2, "n_heads": 2, "model_length": OL, "cond_dim": 8}
+    folder = save_official(tmp_path, sd, meta)
+    back = esolm.read_safetensors(os.path.join(folder, "model.safetensors"))
+    assert list(back) == list(sd) and all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in sd.items())
+    model = EsoLM.from_pretrained(folder, dtype=torch.float64)
+    assert model.config.block_size == OL and model.config.n_head == 2
+    idx = torch.randint(0, OV + 1, (2, OL))
+    pos = torch.stack([torch.randperm(OL) for _ in range(2)])
+    with torch.no_grad():
+        assert_matches_official(model.lm_head(model(idx, pos)), official_logits(sd, idx, pos, causal(2, OL)))
+
+
+def test_from_pretrained_downloads_once_and_explains_failures(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    save_official(hub / "someone" / "tiny-esolm", official_state_dict())
+    monkeypatch.setattr(esolm, "HUB_URL", hub.as_uri() + "/{repo}/{file}")
+    monkeypatch.setenv("ESOLM_CACHE", str(tmp_path / "cache"))
+    first = load_tiny("someone/tiny-esolm")
+    assert sorted(os.listdir(tmp_path / "cache" / "someone--tiny-esolm")) == ["config.json", "model.safetensors"]
+    monkeypatch.setattr(esolm, "HUB_URL", (tmp_path / "gone").as_uri() + "/{repo}/{file}")  # a download would fail
+    again = load_tiny("someone/tiny-esolm")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
+    with pytest.raises(OSError, match="could not download .*someone/no-such-model") as e:
+        load_tiny("someone/no-such-model")
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # a message, not urllib's traceback
+    assert not os.path.exists(tmp_path / "cache" / "someone--no-such-model" / "config.json")
+
+
+def test_cut_off_download_is_not_kept(tmp_path, monkeypatch):
+    class CutOff(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # promises 1000 bytes, sends 400, and closes the connection
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 400)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), CutOff)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        monkeypatch.setenv("ESOLM_CACHE", str(tmp_path))
+        monkeypatch.setattr(esolm, "HUB_URL", f"http://127.0.0.1:{server.server_port}/{{repo}}/{{file}}")
+        with pytest.raises(OSError, match="400 of 1000 bytes"):
+            esolm.download("someone/tiny-esolm", "model.safetensors")
+        assert os.listdir(tmp_path / "someone--tiny-esolm") == []  # neither the file nor its partial download
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_config_switches_keep_our_models_unchanged():
+    keys = set(EsoLM(EsoLMConfig(n_layer=1, n_head=2, n_embd=16)).state_dict())
+    assert not any(k.endswith(".bias") for k in keys)  # the checkpoints of our own models load as before
+    with_bias = set(EsoLM(EsoLMConfig(n_layer=1, n_head=2, n_embd=16, bias=True)).state_dict())
+    assert with_bias - keys == {"blocks.0.ln_1.bias", "blocks.0.ln_2.bias", "blocks.0.mlp.c_fc.bias",
+                                "blocks.0.mlp.c_proj.bias", "ln_f.bias", "lm_head.bias"}
+    with pytest.raises(ValueError, match="gelu"):
+        EsoLMConfig(gelu="fast")

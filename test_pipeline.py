@@ -8,6 +8,7 @@ The gpt2 test needs tiktoken's r50k_base BPE: from the network, or from the fold
 """
 
 import argparse
+import ast
 import hashlib
 import json
 import math
@@ -37,15 +38,17 @@ def corpus(tmp_path):
     """A small corpus, and the bytes each non-empty document should tokenize to, by split key."""
     root = tmp_path / "corpus"
     write(root / "a.txt", "To be, or not to be: that is the question.\n")
-    # invalid UTF-8 (\xe9, \xff), a NUL, and a U+FFFD that was already in the text (valid, not counted)
+    # invalid UTF-8 (\xe9, \xff) is replaced, a NUL dropped, a U+FFFD that was already in the text kept
     write(root / "sub" / "b.txt", b"caf\xe9 \xff ok\x00 end \xef\xbf\xbd\n")
     write(root / "empty.txt", "")
     write(root / "blank.txt", "  \n\n")
     jsonl = [{"text": "first line document"}, {"text": "na\u00efve \u2603 snow\nman"}, {"text": ""},
              {"text": "fourth", "meta": 1}, {"text": "fifth"}, {"text": "sixth document, longer than the others"}]
-    write(root / "docs.jsonl", "\n".join(json.dumps(d) for d in jsonl) + "\n\n")  # blank last line: not a doc
+    lone = '{"text": "a lone \\ud800 surrogate"}'  # valid JSON, but no UTF-8 encoding: replaced
+    write(root / "docs.jsonl", "\n".join([json.dumps(d) for d in jsonl] + [lone]) + "\n\n")  # blank last line: no doc
     expected = {"a.txt": b"To be, or not to be: that is the question.\n",
-                "sub/b.txt": "caf\ufffd \ufffd ok end \ufffd\n".encode()}
+                "sub/b.txt": "caf\ufffd \ufffd ok end \ufffd\n".encode(),
+                "docs.jsonl:7": "a lone \ufffd surrogate".encode()}
     expected.update({f"docs.jsonl:{i + 1}": d["text"].encode() for i, d in enumerate(jsonl) if d["text"]})
     return root, expected
 
@@ -77,10 +80,8 @@ def test_bytes_corpus(corpus, tmp_path):
     root, expected = corpus
     meta, folder = build(root, tmp_path, "--workers", 1)
     assert json.loads((folder / "meta.json").read_text()) == meta == load_meta(tmp_path / "data", "tiny")
-    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["mask_id"], meta["dtype"]) == \
-           ("bytes", 256, 0, 256, "uint16")
-    assert meta["replaced_chars"] == 2 and meta["dropped_nul"] == 1 and meta["skipped_empty"] == 3
-    assert meta["train_docs"] + meta["val_docs"] == len(expected) == 7
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("bytes", 256, 0, "uint16")
+    assert meta["train_docs"] + meta["val_docs"] == len(expected) == 8  # the 3 empty documents are skipped
     assert meta["source"] == [str(root)] and meta["seed"] == SEED and meta["val_fraction"] == VAL_FRACTION
     for split in ("train", "val"):
         want = [v for k, v in sorted(expected.items()) if held_out(k) == (split == "val")]
@@ -113,27 +114,6 @@ def test_shard_rollover(corpus, tmp_path):
            {k: v for k, v in ref.items() if not k.endswith("_shards")}
 
 
-def test_big_jsonl_is_cut_into_ranges(tmp_path, monkeypatch):
-    docs = [f"document number {i} " + "x" * (i % 13) for i in range(200)]
-    path = write(tmp_path / "big.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
-    monkeypatch.setattr(prepare_data, "JSONL_RANGE_BYTES", 300)
-    tasks = prepare_data.input_tasks([str(path)])
-    assert len(tasks) > 10 and all(t.kind == "jsonl-range" for t in tasks)
-    assert tasks[0].start == 0 and tasks[-1].end == path.stat().st_size
-    assert all(a.end == b.start and path.read_bytes()[b.start - 1] == ord("\n") for a, b in zip(tasks, tasks[1:]))
-    one, f1 = build(path, tmp_path, "--workers", 1, name="one")
-    two, f2 = build(path, tmp_path, "--workers", 2, name="two")
-    assert one == two and one["train_docs"] + one["val_docs"] == 200
-    assert all((f1 / s).read_bytes() == (f2 / s).read_bytes() for s in one["train_shards"] + one["val_shards"])
-    got = [d.astype(np.uint8).tobytes().decode() for s in ("train", "val")
-           for d in documents(split_tokens(f1, one, s), 0)]
-    assert sorted(got) == sorted(docs)
-    # a bad line deep inside a range is still reported by its line number
-    write(path, "".join(json.dumps({"text": d}) + "\n" for d in docs[:150]) + '{"text": 5}\n')
-    with pytest.raises(DataError, match=r"big\.jsonl:151: expected a JSON object"):
-        build(path, tmp_path, name="bad")
-
-
 @pytest.mark.parametrize("vocab_size", [256, 100_000])
 def test_shard_header_round_trip_and_corruption(tmp_path, vocab_size):
     dtype = prepare_data.shard_dtype(vocab_size)
@@ -157,6 +137,9 @@ def test_shard_header_round_trip_and_corruption(tmp_path, vocab_size):
     write(tmp_path / "v2.bin", raw[:8] + (2).to_bytes(4, "little") + raw[12:])
     with pytest.raises(ValueError, match="version 2"):
         read_shard(tmp_path / "v2.bin")
+    write(tmp_path / "odd.bin", raw[:12] + (3).to_bytes(4, "little") + raw[16:])
+    with pytest.raises(ValueError, match="corrupt header: itemsize 3"):
+        read_shard(tmp_path / "odd.bin")
 
 
 def test_gpt2(corpus, tmp_path):
@@ -167,9 +150,8 @@ def test_gpt2(corpus, tmp_path):
                     f"it): {e}")
     root, expected = corpus
     meta, folder = build(root, tmp_path, "--tokenizer", "gpt2", "--workers", 2)
-    assert (meta["vocab_size"], meta["eot_id"], meta["mask_id"], meta["dtype"]) == (50257, 50256, 50257, "uint16")
-    assert meta["dropped_nul"] == 0  # NUL is an ordinary character to GPT-2's BPE
-    expected["sub/b.txt"] = "caf\ufffd \ufffd ok\x00 end \ufffd\n".encode()
+    assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (50257, 50256, "uint16")
+    expected["sub/b.txt"] = "caf\ufffd \ufffd ok\x00 end \ufffd\n".encode()  # NUL is an ordinary character to GPT-2
     for split in ("train", "val"):
         want = [v.decode() for k, v in sorted(expected.items()) if held_out(k) == (split == "val")]
         tokens = split_tokens(folder, meta, split)
@@ -180,11 +162,11 @@ def test_gpt2(corpus, tmp_path):
 
 def test_errors_fail_before_writing(tmp_path, monkeypatch):
     data = tmp_path / "data"
-    with pytest.raises(DataError, match=r"--input '.*nothing\*\.txt' matched no \.txt or \.jsonl files"):
+    with pytest.raises(DataError, match=r"--input=.*nothing\*\.txt: matched no \.txt or \.jsonl files"):
         prepare_data.main(["--input", str(tmp_path / "nothing*.txt"), "--name", "x", "--data_dir", str(data)])
     with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'; choose one of bytes, gpt2"):
         get_tokenizer("sentencepiece")
-    with pytest.raises(SystemExit):  # the command line checks its choices itself
+    with pytest.raises(DataError, match="--tokenizer=sentencepiece: unknown tokenizer; choose bytes or gpt2"):
         prepare_data.main(["--tokenizer", "sentencepiece", "--data_dir", str(data)])
 
     def offline(name):  # what tiktoken does without network and without the BPE in its cache
@@ -206,15 +188,48 @@ def test_errors_fail_before_writing(tmp_path, monkeypatch):
         load_meta(data, "shakespeare")
 
 
-def test_interrupt_leaves_dataset_intact(corpus, tmp_path, monkeypatch):
+BAD_VALUES = [  # one bad value per run; {tmp} is the test's folder, {file} a file in it
+    "--val_fraction=0", "--val_fraction=1.5", "--val_fraction=nan", "--shard_tokens=0", "--workers=0", "--seed=-1",
+    "--name=a/b", "--name=.hidden", "--name=", "--data_dir={file}", "--data_dir={file}/sub", "--data_dir=/proc/nope",
+    "--input={tmp}/nothing*.txt", "--input={file}", "--tokenizer=sentencepiece",
+]
+
+
+@pytest.mark.parametrize("arg", BAD_VALUES)
+def test_prepare_data_rejects_bad_values(tmp_path, arg):
+    """Each bad value ends the run with one line on stderr, "prepare_data.py: --key=value: ...", before any writing."""
+    write(tmp_path / "corpus" / "a.txt", "one document")
+    write(tmp_path / "corpus" / "b.txt", "another document")
+    file = write(tmp_path / "a_file", "not a folder")
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["--input=corpus", "--name=tiny", f"--data_dir={tmp_path / 'data'}", arg.format(tmp=tmp_path, file=file)]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+    p = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.startswith(f"prepare_data.py: {arg.split('=')[0]}=") and p.stderr.count("\n") == 1, p.stderr
+    assert sorted(tmp_path.rglob("*")) == before and not os.path.exists("/proc/nope")
+
+
+@pytest.mark.parametrize("where", ["writing shards", "between the renames"])
+def test_interrupt_leaves_dataset_intact(corpus, tmp_path, monkeypatch, where):
     root, _ = corpus
     _, folder = build(root, tmp_path)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    write_shard, rename = ShardWriter.write, os.rename
 
-    def interrupted(task):
+    def interrupted_write(self, tokens):  # Ctrl-C once the new shards are half written
+        write_shard(self, tokens)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_data, "tokenize_task", interrupted)
+    def interrupted_rename(src, dst):  # Ctrl-C after the old dataset is moved aside, before the new one comes in
+        if ".partial-" in str(src):
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    if where == "writing shards":
+        monkeypatch.setattr(ShardWriter, "write", interrupted_write)
+    else:
+        monkeypatch.setattr(prepare_data.os, "rename", interrupted_rename)
     with pytest.raises(KeyboardInterrupt):
         build(root, tmp_path, "--workers", 1)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -222,8 +237,8 @@ def test_interrupt_leaves_dataset_intact(corpus, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("files, message", [
-    ({"e.txt": "", "s.txt": " \n"}, "empty corpus: no non-empty document"),
-    ({"only.txt": "one document"}, "1 documents, none landed in (val|train) with --val_fraction=0.5"),
+    ({"e.txt": "", "s.txt": " \n"}, "0 train and 0 val documents with --val_fraction=0.5; each split needs one"),
+    ({"only.txt": "one document"}, "(1 train and 0 val|0 train and 1 val) documents with --val_fraction=0.5"),
     ({"ok.txt": "fine", "bad.jsonl": '{"text": "a"}\n{"text": "b"}\n{"txt": "c"}\n'},
      r"bad\.jsonl:3: expected a JSON object with a string \"text\" field"),
     ({"bad.jsonl": '{"text": "a"}\nnot json\n'}, r"bad\.jsonl:2: expected a JSON object"),
@@ -249,7 +264,7 @@ def test_builtin_corpus(tmp_path, capsys):
     val = get_tokenizer("bytes").decode(split_tokens(folder, meta, "val"))
     assert val.startswith("# ") and val.count("<|endoftext|>") == meta["val_docs"]
     assert " \n" not in val  # markdown's trailing "  " hard breaks are stripped
-    assert "held out:" in capsys.readouterr().out
+    assert f"val: {meta['val_docs']} documents, {meta['val_tokens']:,} tokens" in capsys.readouterr().out
 
 
 def test_help(capsys):
@@ -292,10 +307,17 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def test_train_then_sample_with_a_prompt(tiny_data):
+@pytest.fixture(scope="module")
+def trained(tiny_data):
+    """out_dir of a 6-iteration run on the tiny dataset."""
     out = tiny_data / "out_e2e"
     run("train.py", "--dataset=tiny", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3", "--log_interval=2",
         *TINY, cwd=tiny_data)
+    return out
+
+
+def test_train_then_sample_with_a_prompt(tiny_data, trained):
+    out = trained
     evals = [r for r in records(out) if "val" in r]
     assert [r["iter"] for r in evals] == [0, 3, 6] and evals[-1]["val"] < evals[0]["val"]
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records(out) if "loss" in r)
@@ -354,9 +376,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data):
 @pytest.mark.parametrize("args,message", [
     (["--bogus=1"], "unknown setting 'bogus'"),
     (["--n_layr=2"], "did you mean 'n_layer'"),
-    (["--alpha0=high"], "--alpha0 takes a float"),
-    (["--alpha0=1.5"], "--alpha0 must be in [0, 1]"),
-    (["--variant=C"], "--variant must be one of"),
     (["max_iters=3"], "expected --key=value"),
     (["--dataset=nowhere"], "nowhere"),
     (["--init_from=resume", "--out_dir=empty"], "no checkpoint"),
@@ -366,13 +385,58 @@ def test_train_rejects_bad_settings(tiny_data, args, message):
     assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
 
 
+# one bad value per row, on top of a short run that would otherwise work: each must end in one line that names the
+# setting, with a non-zero exit status, no traceback, and nothing written
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+BAD_TRAIN = ["--batch_size=0", "--n_head=5", "--eval_interval=0", "--log_interval=0", "--gradient_accumulation_steps=0",
+             "--learning_rate=-1", "--batch_split=1.5", "--dropout=1.5", "--out_dir=/proc/nope",
+             "--eval_iters=0", "--max_iters=-1", "--ema=2",
+             "--warmup_iters=-5", "--n_layer=0", "--block_size=0", "--n_embd=0", "--n_head=0", "--n_head=3",
+             "--min_lr=-1", "--min_lr=1.0", "--lr_decay_iters=-1", "--weight_decay=-0.1", "--beta1=1.0",
+             "--beta2=1.5", "--grad_clip=-1", "--peak_flops=-1", "--seed=-1", "--alpha0=1.5", "--alpha0=nan",
+             "--learning_rate=1e999", "--variant=C", "--loss_type=mse", "--lr_schedule=linear", "--dtype=float16",
+             "--init_from=elsewhere", "--dataset=a/b", "--compile=yes", "--device=tpu", "--batch_split=0.0",
+             ("--batch_size=1", "--alpha0=0.25")]
+BAD_SAMPLE = ["--num_samples=0", "--batch_size=-1", "--alpha0=2",
+              "--steps=-1", "--temperature=-1", "--top_p=0", "--top_p=1.5", "--seed=-1", "--dtype=float16",
+              "--num_samples=x", ("--prompt=a", "--infill=b"), "--out_dir=missing"]
+BAD_BENCH = ["--repeats=0", "--n_head=5", "--sample_batch=0",
+             "--block_size=0", "--uncached_calls=-1", ("--lengths", "1"), "--peak_flops=0", "--vocab_size=0"]
+BAD_EVALUATE = ["--windows=1", ("--orders", "0"), "--alpha0=2",
+                "--dtype=float16", "--batch_size=0", "--seed=-1", "--out_dir=missing"]
+
+BAD = {"train.py": BAD_TRAIN, "sample.py": BAD_SAMPLE, "bench.py": BAD_BENCH, "evaluate.py": BAD_EVALUATE}
+
+
+@pytest.mark.parametrize("script,bad", [(script, bad) for script, rows in BAD.items() for bad in rows] + [
+    pytest.param(script, "--device=cuda", marks=NO_CUDA) for script in BAD])
+def test_bad_value_is_one_line_naming_the_setting(tiny_data, trained, tmp_path, script, bad):
+    bad = [bad] if isinstance(bad, str) else list(bad)
+    out = tmp_path / "out"
+    base = {"train.py": ["--dataset=tiny", f"--out_dir={out}", "--max_iters=2", "--eval_interval=1", *TINY],
+            "sample.py": [f"--out_dir={trained}", "--num_samples=1", "--steps=2"],
+            "bench.py": ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--repeats=1"],
+            "evaluate.py": [f"--out_dir={trained}", "--windows=4", "--no-plots"]}[script]
+    before = files(tiny_data)
+    p = run(script, *base, *bad, cwd=tiny_data, ok=False)
+    keys = [arg.split("=")[0] for arg in bad if arg.startswith("--")]  # a row of two: either may be named
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and "Traceback" not in p.stderr and any(k in lines[-1] for k in keys), p.stderr[-2000:]
+    assert script != "train.py" or len(lines) == 1, p.stderr  # argparse's own errors add a usage line
+    assert not out.exists() and files(tiny_data) == before
+
+
+def files(folder):
+    """Every file under folder with its size and modification time: what a failed run must leave as it was."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
 def test_train_help_lists_every_setting(tiny_data):
     p = run("train.py", "--help", cwd=tiny_data)
-    for line in open(os.path.join(ROOT, "train.py")):
-        if line.startswith("    ") and ": " in line and " = " in line and not line.strip().startswith("#"):
-            name = line.split(":")[0].strip()
-            if name.isidentifier() and "(" not in line.split("=")[0]:
-                assert f"--{name}=" in p.stdout, name
+    with open(os.path.join(ROOT, "train.py")) as f:  # the fields of TrainConfig, read by Python's own parser
+        config = next(n for n in ast.parse(f.read()).body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+    names = [n.target.id for n in config.body if isinstance(n, ast.AnnAssign)]
+    assert len(names) > 30 and all(f"--{name}=" in p.stdout for name in names), p.stdout
 
 
 def test_sample_rejects_what_is_not_our_checkpoint(tiny_data):

@@ -10,15 +10,12 @@ Settings are the fields of TrainConfig below, overridden with --key=value (value
 """
 import ast
 import difflib
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -27,56 +24,107 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from esolm import EsoLM, EsoLMConfig
-from sample import load_checkpoint
+from esolm import (CHECKPOINT_FORMAT, H100_BF16_FLOPS, LOSS_TYPES, EsoLM, EsoLMConfig, autocast, load_checkpoint,
+                   resolve_device)
+
+
+def setting(default, help):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     # data and output
-    dataset: str = "shakespeare"  # folder of data_dir written by prepare_data.py; the default one builds itself
-    data_dir: str = "data"
-    out_dir: str = "out"  # ckpt.pt and log.jsonl go here
-    init_from: str = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+    dataset: str = setting("shakespeare", "folder of data_dir written by prepare_data.py; the default builds itself")
+    data_dir: str = setting("data", "where the datasets are")
+    out_dir: str = setting("out", "ckpt.pt and log.jsonl go here")
+    init_from: str = setting("scratch", '"scratch" or "resume" (from out_dir/ckpt.pt; the model\'s shape too)')
     # the method
-    alpha0: float = 0.25  # fraction of tokens the diffusion phase unmasks: 1 = pure MDM, 0 = pure AR
-    batch_split: float = 0.5  # fraction of each batch that estimates the MDM term, the rest the AR term
-    variant: str = "B"  # "B" (KV cache in both phases) or "A"
-    loss_type: str = "elbo"  # "elbo" or "low_var" (unweighted MDM term, as the paper's alpha0 = 1 runs)
+    alpha0: float = setting(0.25, "fraction of tokens the diffusion phase unmasks: 1 = pure MDM, 0 = pure AR")
+    batch_split: float = setting(0.5, "fraction of each batch that estimates the MDM term, the rest the AR term")
+    variant: str = setting("B", '"B" (KV cache in both phases) or "A" (bidirectional clean tokens)')
+    loss_type: str = setting("elbo", '"elbo" or "low_var" (unweighted MDM term, as the paper\'s alpha0 = 1 runs)')
     # model
-    block_size: int = 256  # L
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.1
+    block_size: int = setting(256, "L, the sequence length")
+    n_layer: int = setting(6, "transformer blocks")
+    n_head: int = setting(6, "attention heads; n_embd / n_head must be even (RoPE)")
+    n_embd: int = setting(384, "width")
+    dropout: float = setting(0.1, "on the residual branches, the embedding and attention")
     # optimisation (the paper: AdamW 3e-4, betas (0.9, 0.999), no weight decay, clip 1.0, constant LR after warmup)
-    batch_size: int = 64  # sequences per micro-step and process
-    gradient_accumulation_steps: int = 1  # summed over all processes
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"  # "cosine" (to min_lr at lr_decay_iters) or "constant"
-    min_lr: float = 1e-4
-    warmup_iters: int = 200
-    lr_decay_iters: int = 0  # 0: max_iters
-    max_iters: int = 5000
-    weight_decay: float = 0.0  # on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0  # 0: off
-    ema: float = 0.0  # decay of an exponential moving average of the weights (paper: 0.9999); 0: off
+    batch_size: int = setting(64, "sequences per micro-step and process")
+    gradient_accumulation_steps: int = setting(1, "micro-steps per iteration, summed over all processes")
+    learning_rate: float = setting(1e-3, "peak learning rate of AdamW")
+    lr_schedule: str = setting("cosine", '"cosine" (to min_lr at lr_decay_iters) or "constant" after the warmup')
+    min_lr: float = setting(1e-4, "the cosine schedule's final learning rate")
+    warmup_iters: int = setting(200, "linear warmup from 0")
+    lr_decay_iters: int = setting(0, "where the cosine reaches min_lr; 0: max_iters")
+    max_iters: int = setting(5000, "training iterations")
+    weight_decay: float = setting(0.0, "AdamW's, on matrices only")
+    beta1: float = setting(0.9, "AdamW")
+    beta2: float = setting(0.999, "AdamW")
+    grad_clip: float = setting(1.0, "clip the gradient's norm to this; 0: off")
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights (paper: 0.9999); 0: off")
     # evaluation and logging
-    eval_interval: int = 500
-    eval_iters: int = 20  # batches per split, the same windows and noise at every evaluation
-    log_interval: int = 50
+    eval_interval: int = setting(500, "evaluate and save a checkpoint every this many iterations, and at the end")
+    eval_iters: int = setting(20, "batches per split, the same windows and noise at every evaluation")
+    log_interval: int = setting(50, "a log line every this many iterations")
     # system
-    device: str = "auto"  # "auto" (cuda if available), "cuda", "cuda:1", "cpu"
-    dtype: str = "auto"  # "auto" (bfloat16 on a GPU that has it, else float32), "bfloat16", "float32"
-    compile: bool = False  # torch.compile the transformer
-    peak_flops: float = 989e12  # for MFU: the card's dense bf16 peak (H100 SXM); 0: no MFU
-    seed: int = 1337
+    device: str = setting("auto", '"auto" (cuda if there is one), "cpu", "cuda", "cuda:1", ...')
+    dtype: str = setting("auto", '"auto" (bfloat16 on a GPU that has it, else float32), "bfloat16", "float32"')
+    compile: bool = setting(False, "torch.compile the transformer")
+    peak_flops: float = setting(H100_BF16_FLOPS, "the card's dense bf16 peak, for MFU (default: H100 SXM); 0: no MFU")
+    seed: int = setting(1337, "seed of every random draw (windows, masks, orders, t, dropout)")
 
+    def __post_init__(self):
+        """Each setting's domain, checked before anything is read or written: a bad value is one line naming it."""
+        def need(ok, key, rule):
+            if not ok:
+                raise ValueError(f"--{key}={getattr(self, key)}: {rule}")
+
+        for f in fields(self):
+            if f.type is float:
+                need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
+        for key, allowed in (("init_from", ("scratch", "resume")), ("loss_type", LOSS_TYPES),
+                             ("lr_schedule", ("cosine", "constant")), ("dtype", ("auto", "bfloat16", "float32"))):
+            need(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")
+        need(self.dataset and "/" not in self.dataset, "dataset", "must be the name of a folder in data_dir")
+        need(0 <= self.alpha0 <= 1, "alpha0", "must be in [0, 1] (0: pure AR, 1: pure MDM)")
+        need(0 < self.batch_split < 1 or self.alpha0 in (0, 1), "batch_split",
+             "must be in (0, 1) when 0 < alpha0 < 1: each batch feeds both terms of the NELBO")
+        for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+            need(getattr(self, key) >= 1, key, "must be at least 1")
+        need(self.batch_size >= 2 or self.alpha0 in (0, 1), "batch_size",
+             "must be at least 2 when 0 < alpha0 < 1: one row for each term of the NELBO")
+        need(self.learning_rate > 0, "learning_rate", "must be positive")
+        need(0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")
+        for key in ("warmup_iters", "lr_decay_iters", "max_iters", "seed"):
+            need(getattr(self, key) >= 0, key, "must be at least 0")
+        for key in ("weight_decay", "grad_clip", "peak_flops"):
+            need(getattr(self, key) >= 0, key, "must be at least 0 (0: off)")
+        for key in ("beta1", "beta2", "ema"):
+            need(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
+        world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+        need(self.gradient_accumulation_steps % world_size == 0, "gradient_accumulation_steps",
+             f"must be a multiple of the number of processes ({world_size})")
+        for key, check in (("device", resolve_device), ("out_dir", prepare_data.check_writable)):
+            try:
+                check(getattr(self, key))
+            except ValueError as e:
+                need(False, key, str(e))
+        try:
+            EsoLMConfig(**self.model_args())  # the model's own checks: sizes, dropout, variant
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+
+    def model_args(self, vocab_size=256):
+        return dict(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
+                    n_embd=self.n_embd, dropout=self.dropout, variant=self.variant)
+
+
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "variant")  # a resumed run takes these from its checkpoint
 
 # Without a GPU these replace the defaults above (settings given on the command line still win): sized so that
-# `python train.py --alpha0=0.25` trains in under 10 minutes on 2 cores and its samples already look like plays.
+# `python train.py --alpha0=0.25` trains in minutes on 2 cores and its samples already read like the plays.
 CPU_PRESET = dict(block_size=128, n_layer=4, n_head=4, n_embd=192, dropout=0.0, batch_size=32,
                   learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, max_iters=700, eval_interval=350,
                   eval_iters=8, log_interval=25, peak_flops=0.0)
@@ -88,14 +136,10 @@ def die(msg):
 
 def print_help():
     print(__doc__)
-    print("Settings (--key=value; a CPU-only machine starts from the preset in brackets):")
-    for line in inspect.getsource(TrainConfig).splitlines()[2:]:
-        m = re.match(r"\s+(\w+): \w+ = (.*?)\s*(#.*)?$", line)
-        if m:
-            preset = f" [{CPU_PRESET[m[1]]}]" if m[1] in CPU_PRESET else ""
-            print(f"  --{m[1]}={m[2]}{preset}".ljust(44) + (m[3] or ""))
-        elif line.strip().startswith("#"):
-            print(f"  {line.strip()}")
+    print("Settings (--key=value; without a GPU the defaults start from the CPU preset, in brackets):")
+    for f in fields(TrainConfig):
+        preset = f" [{CPU_PRESET[f.name]}]" if f.name in CPU_PRESET else ""
+        print(f"  --{f.name}={f.default!r}{preset}".ljust(46) + f.metadata["help"])
 
 
 def parse_overrides(argv):
@@ -119,60 +163,53 @@ def parse_overrides(argv):
         if types[key] is float and type(value) is int:
             value = float(value)
         if type(value) is not types[key]:
-            die(f"--{key} takes a {types[key].__name__}, got {text!r}")
+            die(f"--{key}={text}: takes a {types[key].__name__}")
         out[key] = value
     return out
 
 
 # -----------------------------------------------------------------------------------------------------------
-# setup: settings, processes, device, autocast
+# settings, built once: defaults, the CPU preset when no GPU will be used, a resumed run's model shape, the
+# command line; then validated (TrainConfig.__post_init__), before anything is read or written
 
 overrides = parse_overrides(sys.argv[1:])
-cfg = TrainConfig(**{k: v for k, v in overrides.items() if k == "device"})
+on_gpu = torch.cuda.is_available() and overrides.get("device", "auto") != "cpu"
+resumed = {}
+if overrides.get("init_from") == "resume":
+    try:
+        ckpt = load_checkpoint(os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "ckpt.pt"))
+    except ValueError as e:
+        die(f"--init_from=resume: {e}")
+    resumed = {k: ckpt["model_config"][k] for k in MODEL_KEYS}
+    for k in MODEL_KEYS:
+        if k in overrides and overrides[k] != resumed[k]:
+            die(f"--{k}={overrides[k]}: differs from the checkpoint's {resumed[k]} (a resumed model keeps its shape)")
+try:
+    cfg = TrainConfig(**{**({} if on_gpu else CPU_PRESET), **resumed, **overrides})
+except ValueError as e:
+    die(e)
+
+# -----------------------------------------------------------------------------------------------------------
+# setup: processes, device, precision
+
 ddp = "RANK" in os.environ  # launched by torchrun
 rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
 master = rank == 0
-device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-if device_type == "cpu":
-    cfg = TrainConfig(**CPU_PRESET)
-    if master:
-        print("no GPU: starting from the CPU preset " + ", ".join(f"{k}={v}" for k, v in CPU_PRESET.items()))
-cfg = TrainConfig(**{**asdict(cfg), **overrides})
-for key, allowed in (("variant", "AB"), ("loss_type", ("elbo", "low_var")), ("init_from", ("scratch", "resume")),
-                     ("lr_schedule", ("cosine", "constant")), ("dtype", ("auto", "bfloat16", "float32"))):
-    if getattr(cfg, key) not in allowed:
-        die(f"--{key} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
-if not 0 <= cfg.alpha0 <= 1:
-    die(f"--alpha0 must be in [0, 1], got {cfg.alpha0}")
+device = resolve_device(cfg.device)
+device_type = device.split(":")[0]
 if ddp:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-if cfg.gradient_accumulation_steps % world_size:
-    die(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the number of "
-        f"processes ({world_size})")
 grad_accum = cfg.gradient_accumulation_steps // world_size
-dtype = cfg.dtype
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch.bfloat16)
+amp, dtype = autocast(device, cfg.dtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (TF32), where there are any
 torch.backends.cudnn.allow_tf32 = True
-model_keys = ("block_size", "n_layer", "n_head", "n_embd", "variant")
 ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-ckpt = None
-if cfg.init_from == "resume":  # the model's shape comes from the checkpoint
-    try:
-        ckpt = load_checkpoint(ckpt_path, device)
-    except ValueError as e:
-        die(f"--init_from=resume: {e}")
-    for k in model_keys:
-        if k in overrides and overrides[k] != ckpt["model_config"][k]:
-            die(f"--{k}={overrides[k]} differs from the checkpoint's {ckpt['model_config'][k]}")
-    cfg = replace(cfg, **{k: ckpt["model_config"][k] for k in model_keys})
 if master:
+    if not on_gpu:
+        print("no GPU: starting from the CPU preset " + ", ".join(f"{k}={v}" for k, v in CPU_PRESET.items()))
     os.makedirs(cfg.out_dir, exist_ok=True)
     print(f"device {device}, dtype {dtype}, {world_size} process(es)\n" + json.dumps(asdict(cfg)))
 
@@ -185,9 +222,8 @@ def seed_for(*keys):
 
 EVAL = 1 << 31  # a "rank" no process has: evaluation draws its own fixed windows and noise
 
-
 # -----------------------------------------------------------------------------------------------------------
-# data: random windows of block_size tokens from memory-mapped shards, drawn with replacement
+# data: windows of block_size tokens from memory-mapped shards, drawn uniformly with replacement
 
 data_path = os.path.join(cfg.data_dir, cfg.dataset)
 if not os.path.exists(os.path.join(data_path, "meta.json")) and cfg.dataset == "shakespeare":
@@ -196,45 +232,52 @@ if not os.path.exists(os.path.join(data_path, "meta.json")) and cfg.dataset == "
         prepare_data.main(["--data_dir", cfg.data_dir])
     if ddp:
         dist.barrier()
+L = cfg.block_size
+windows = {}  # split -> (its shards longer than L, the cumulative count of their windows)
 try:
     meta = prepare_data.load_meta(cfg.data_dir, cfg.dataset)
-    shards = {split: [prepare_data.read_shard(os.path.join(data_path, f)) for f in meta[f"{split}_shards"]]
-              for split in ("train", "val")}
+    for split in ("train", "val"):
+        arrays = [prepare_data.read_shard(os.path.join(data_path, f)) for f in meta[f"{split}_shards"]]
+        arrays = [a for a in arrays if len(a) > L]
+        windows[split] = arrays, np.cumsum([len(a) - L + 1 for a in arrays])
+        if not arrays:
+            die(f"{data_path}: no {split} shard holds more than block_size={L} tokens")
 except (ValueError, OSError) as e:
     die(str(e))
-for split, arrays in shards.items():
-    if not any(len(a) > cfg.block_size for a in arrays):
-        die(f"{data_path}: no {split} shard holds more than block_size={cfg.block_size} tokens")
+
+
+def window(split, i):
+    """The i-th window of a split, numbering the windows of its shards one shard after another."""
+    arrays, ends = windows[split]
+    s = int(np.searchsorted(ends, i, side="right"))
+    start = i - (ends[s - 1] if s else 0)
+    return arrays[s][start:start + L]
 
 
 def get_batch(split, rng):
-    arrays = [a for a in shards[split] if len(a) > cfg.block_size]
-    weights = np.array([len(a) - cfg.block_size for a in arrays], dtype=np.float64)  # uniform over windows
-    which = rng.choice(len(arrays), size=cfg.batch_size, p=weights / weights.sum())
-    x = np.stack([arrays[w][o:o + cfg.block_size] for w, o in
-                  zip(which, rng.integers(0, weights[which].astype(np.int64) + 1))]).astype(np.int64)
-    x = torch.from_numpy(x)
+    ix = rng.integers(0, windows[split][1][-1], size=cfg.batch_size)
+    x = torch.from_numpy(np.stack([window(split, i) for i in ix]).astype(np.int64))
     return x.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else x
 
 
 # -----------------------------------------------------------------------------------------------------------
 # model, resumed from out_dir/ckpt.pt if asked
 
-if ckpt and ckpt["model_config"]["vocab_size"] != meta["vocab_size"]:
+if resumed and ckpt["model_config"]["vocab_size"] != meta["vocab_size"]:
     die(f"the checkpoint's vocab_size {ckpt['model_config']['vocab_size']} differs from {cfg.dataset}'s "
         f"{meta['vocab_size']}")
-model_config = EsoLMConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout, **{k: getattr(cfg, k) for k in model_keys})
+model_config = EsoLMConfig(**cfg.model_args(meta["vocab_size"]))
 torch.manual_seed(cfg.seed)
 model = EsoLM(model_config).to(device)
-if ckpt:
+if resumed:
     model.load_state_dict(ckpt["model"])
 ema_model = None
 if cfg.ema:
     ema_model = EsoLM(model_config).to(device).eval().requires_grad_(False)
-    ema_model.load_state_dict(ckpt["ema"] if ckpt and ckpt.get("ema") else model.state_dict())
-n_params = model.num_params()
+    ema_model.load_state_dict(ckpt["ema"] if resumed and ckpt["ema"] else model.state_dict())
 if master:
-    print(f"model: {n_params / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, variant {model_config.variant}")
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, "
+          f"variant {model_config.variant}")
 
 # -----------------------------------------------------------------------------------------------------------
 # optimizer: AdamW, weight decay on matrices only
@@ -244,11 +287,11 @@ groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.we
           {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                               fused=device_type == "cuda")
-if ckpt:
+if resumed:
     optimizer.load_state_dict(ckpt["optimizer"])
-iter_num = ckpt["iter_num"] if ckpt else 0
-resumed_at = iter_num if ckpt else None  # the checkpoint was evaluated when it was saved
-best_val = ckpt["best_val_loss"] if ckpt else math.inf
+iter_num = ckpt["iter_num"] if resumed else 0
+resumed_at = iter_num if resumed else None  # the checkpoint was evaluated when it was saved
+best_val = ckpt["best_val_loss"] if resumed else math.inf
 ckpt = None  # free the memory
 
 # -----------------------------------------------------------------------------------------------------------
@@ -256,14 +299,14 @@ ckpt = None  # free the memory
 
 
 class Objective(torch.nn.Module):
-    """model.loss as a forward pass: DDP syncs gradients through the module's forward."""
+    """model.loss_terms as a forward pass: DDP syncs gradients through the module's forward."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, x):
-        return self.model.loss(x, cfg.alpha0, cfg.batch_split, cfg.loss_type)
+        return self.model.loss_terms(x, cfg.alpha0, cfg.batch_split, cfg.loss_type)
 
 
 if cfg.compile:
@@ -282,23 +325,14 @@ def evaluate(m):
     for split in ("train", "val"):
         rng = np.random.default_rng(seed_for(EVAL, 0))  # the same windows every time
         gen = torch.Generator(device=device).manual_seed(seed_for(EVAL, 1))  # the same t and masks every time
-        with autocast:
+        with amp:
             nelbo = [m.nelbo(get_batch(split, rng), cfg.alpha0, gen).float().mean() for _ in range(cfg.eval_iters)]
-        out[split] = torch.stack(nelbo).mean().item() / cfg.block_size
+        out[split] = torch.stack(nelbo).mean().item() / L
     return out
 
 
-def fed_tokens_per_row():
-    """Tokens a training row feeds through the network: L for an MDM row, L + about (1 - alpha0) L for an AR row."""
-    mdm = 1.0 if cfg.alpha0 == 1 else 0.0 if cfg.alpha0 == 0 else cfg.batch_split
-    return cfg.block_size * (mdm + (1 - mdm) * (2 - cfg.alpha0))
-
-
-# forward + backward: 6 FLOPs per weight per fed token (embedding lookups are free), plus attention (nanoGPT's count),
-# over all processes
-flops_per_iter = (6 * (n_params - model.wte.weight.numel()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size) \
-    * fed_tokens_per_row() * cfg.batch_size * cfg.gradient_accumulation_steps
-tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps  # all processes together
+flops_per_iter = model.loss_flops(cfg.batch_size, cfg.alpha0, cfg.batch_split) * cfg.gradient_accumulation_steps
+tokens_per_iter = cfg.batch_size * L * cfg.gradient_accumulation_steps  # all processes together
 
 
 def get_lr(it):
@@ -312,7 +346,7 @@ def get_lr(it):
 
 
 def save_checkpoint():
-    ckpt = {"format": "esolm-checkpoint", "version": 1, "model": model.state_dict(),
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": 1, "model": model.state_dict(),
             "ema": ema_model.state_dict() if ema_model else None, "optimizer": optimizer.state_dict(),
             "iter_num": iter_num, "best_val_loss": best_val, "model_config": asdict(model_config),
             "train_config": asdict(cfg), "dataset_meta": meta, "rng": {"seed": cfg.seed, "scheme": "seed_for"}}
@@ -340,7 +374,7 @@ def stop_if_nonfinite():
 bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 t_last, iters_since = time.time(), 0
 while True:
-    if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at:
+    if (iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters) and iter_num != resumed_at:
         stop_if_nonfinite()
         t_eval = time.time()
         losses = evaluate(ema_model or model)
@@ -354,7 +388,7 @@ while True:
             best_val = min(best_val, losses["val"])
             save_checkpoint()
         t_last += time.time() - t_eval  # ms/iter counts training only
-    if iter_num == cfg.max_iters:
+    if iter_num >= cfg.max_iters:
         break
 
     lr = get_lr(iter_num)
@@ -362,18 +396,20 @@ while True:
         group["lr"] = lr
     torch.manual_seed(seed_for(rank, iter_num))  # masks, orders, t and dropout of this iteration
     rng = np.random.default_rng(seed_for(rank, iter_num, 0))  # its windows
+    terms = torch.zeros(2, device=device)  # the MDM and AR terms of this iteration, for the log
     for micro_step in range(grad_accum):
         if ddp:  # sync gradients on the last micro-step only
             objective.require_backward_grad_sync = micro_step == grad_accum - 1
-        with autocast:
-            loss = objective(get_batch("train", rng)) / grad_accum
-        loss.backward()
+        with amp:
+            mdm, ar = objective(get_batch("train", rng))
+        ((mdm + ar) / grad_accum).backward()
+        terms += torch.stack([mdm, ar]).detach().float() / grad_accum
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema_model:
         torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - cfg.ema)
-    nonfinite |= ~torch.isfinite(loss)
+    nonfinite |= ~torch.isfinite(terms.sum())
     iter_num += 1
     iters_since += 1
     bar.update(1)
@@ -381,13 +417,14 @@ while True:
     if iter_num % cfg.log_interval == 0:
         stop_if_nonfinite()  # syncs with the device, so the timing below is honest
         if master:
-            loss_value = loss.item() * grad_accum
+            mdm, ar = terms.tolist()
             dt = (time.time() - t_last) / iters_since
             mfu = flops_per_iter / world_size / dt / cfg.peak_flops if cfg.peak_flops else None
-            bar.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm.item():.3f}, "
-                      f"{dt * 1000:.0f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else ""))
-            log({"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms_per_iter": dt * 1000,
-                 "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
+            bar.write(f"iter {iter_num}: loss {mdm + ar:.4f} (MDM {mdm:.4f} + AR {ar:.4f}), lr {lr:.2e}, "
+                      f"grad norm {grad_norm.item():.3f}, {dt * 1000:.0f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s"
+                      + (f", MFU {mfu:.1%}" if mfu else ""))
+            log({"iter": iter_num, "loss": mdm + ar, "mdm": mdm, "ar": ar, "lr": lr, "grad_norm": grad_norm.item(),
+                 "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
         t_last, iters_since = time.time(), 0
 
 bar.close()
