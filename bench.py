@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from esolm import H100_BF16_FLOPS, EsoLM, EsoLMConfig, autocast, resolve_device
+from esolm import H100_BF16_FLOPS, EsoLM, EsoLMConfig, autocast, check_args
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -46,11 +46,7 @@ parser.add_argument("--skip_training", action="store_true")
 parser.add_argument("--json", default="", help="also write the results to this file")
 parser.add_argument("--png", default="", help="--lengths: draw the speedups against L (needs matplotlib)")
 args = parser.parse_args()
-try:
-    device = resolve_device(args.device)
-except ValueError as e:
-    sys.exit(f"bench.py: --device={args.device}: {e}")
-cuda = device.startswith("cuda")
+cuda = args.device.startswith("cuda")  # the defaults below depend on it; check_args checks the device
 defaults = dict(n_layer=(4, 12), n_embd=(256, 768), n_head=(4, 12), block_size=(256, 1024), vocab_size=(256, 50257),
                 sample_batch=(4, 8), train_batch=(16, 8))
 for key, (cpu_default, cuda_default) in defaults.items():
@@ -58,19 +54,18 @@ for key, (cpu_default, cuda_default) in defaults.items():
         setattr(args, key, cuda_default if cuda else cpu_default)
 if args.lengths == []:
     args.lengths = [1024, 2048, 4096, 8192] if cuda else [256, 512, 1024, 2048]
-for key, ok, rule in (("sample_batch", args.sample_batch >= 1, "must be at least 1"),
-                      ("train_batch", args.train_batch >= 2, "must be at least 2 (the loss at alpha0 = 0.25 splits it)"),
-                      ("repeats", args.repeats >= 1, "must be at least 1"),
-                      ("uncached_calls", args.uncached_calls >= 0, "must be at least 0 (0: full runs)"),
-                      ("lengths", all(n >= 2 for n in args.lengths or [2]), "each L must be at least 2"),
-                      ("peak_flops", args.peak_flops > 0, "must be positive")):
-    if not ok:
-        sys.exit(f"bench.py: --{key}={getattr(args, key)}: {rule}")
-try:  # the model's own checks, before any work
+try:  # every setting, and the model's own checks, before any work
+    device = check_args(args, (
+        ("sample_batch", args.sample_batch >= 1, "must be at least 1"),
+        ("train_batch", args.train_batch >= 2, "must be at least 2 (alpha0 = 0.25 splits the batch)"),
+        ("repeats", args.repeats >= 1, "must be at least 1"),
+        ("uncached_calls", args.uncached_calls >= 0, "must be at least 0 (0: full runs)"),
+        ("lengths", all(n >= 2 for n in args.lengths or [2]), "each L must be at least 2"),
+        ("peak_flops", args.peak_flops > 0, "must be positive")))
     EsoLMConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                 n_embd=args.n_embd)
 except ValueError as e:
-    sys.exit(f"bench.py: --{e}")
+    sys.exit(f"bench.py: {e}" if str(e).startswith("--") else f"bench.py: --{e}")
 amp, dtype = autocast(device)  # bfloat16 on a GPU that has it, else float32
 
 
@@ -206,7 +201,8 @@ if not args.skip_sampling and not args.lengths:
     for fn in cases.values():  # the warm-up
         fn()
     secs, nfe = median_times(cases)
-    print(f"\nsampling, L = {L}, batch {args.sample_batch}: seconds per batch (median of {args.repeats}), NFE, tokens/s")
+    print(f"\nsampling, L = {L}, batch {args.sample_batch}: seconds per batch (median of {args.repeats}), NFE, "
+          "tokens/s")
     for name in cases:
         print(f"  {name:28s} {secs[name]:9.3f} s  NFE {nfe[name]:5d}  {args.sample_batch * L / secs[name]:10,.0f} "
               "tok/s")
@@ -259,7 +255,8 @@ if not args.skip_training and not args.lengths:
     for fn in cases.values():  # the warm-up
         fn()
     secs, _ = median_times(cases)
-    print(f"\ntraining, batch {args.train_batch} x L = {L}: forward + backward of model.loss (median of {args.repeats})")
+    print(f"\ntraining, batch {args.train_batch} x L = {L}: forward + backward of model.loss "
+          f"(median of {args.repeats})")
     train = {}
     for name, fn in cases.items():
         if cuda:
@@ -272,7 +269,8 @@ if not args.skip_training and not args.lengths:
         train[name] = {"seconds": secs[name], "tokens_per_s": args.train_batch * L / secs[name],
                        "memory_bytes": memory, "mfu": mfu}
         print(f"  {name:34s} {secs[name] * 1000:8.1f} ms  {args.train_batch * L / secs[name]:9,.0f} tok/s  "
-              f"{'peak' if cuda else 'saved activations'} {memory / 2**20:7.1f} MiB" + (f"  MFU {mfu:.1%}" if cuda else ""))
+              f"{'peak' if cuda else 'saved activations'} {memory / 2**20:7.1f} MiB"
+              + (f"  MFU {mfu:.1%}" if cuda else ""))
     ratio = secs["a0=0.25 (batch_split 0.5)"] / secs["a0=1 (MDM, L-token causal pass)"]
     print(f"  a0=0.25 / a0=1: {ratio:.2f}x")
     results["training"] = {"batch": args.train_batch, "steps": train, "ratio_0.25_over_1": ratio}

@@ -2,13 +2,22 @@
 Esoteric Language Models (Eso-LMs) in one file: a transformer that is both a masked diffusion model and an
 autoregressive model, trained with the hybrid NELBO and sampled with an exact KV cache.
 
-Section numbers (§5) refer to "The method, mapped to the code" in README.md. Order of the file:
-config -> primitives (RoPE, MLP) -> attention with the KV cache -> block -> backbone -> attention masks
--> noise schedule -> the Eso-LM: its two training forwards, NELBO, exact likelihood (§7), sampler.
+Order of the file: config -> primitives (RoPE, MLP) -> attention with the KV cache -> block -> backbone ->
+attention masks -> noise schedule -> the Eso-LM (its two training forwards, the NELBO, the exact likelihood, the
+sampler) -> running it (devices, checkpoints) -> loading the paper's published checkpoints. Section numbers (§5)
+are those of the method's summary in README.md ("The method, mapped to the code"), not the paper's.
 
-Layout convention used everywhere: a forward pass sees the tokens in *sorted order* (clean tokens first, then
-masks, §5). `order[b, i]` is the original position of the i-th token of row b, and RoPE is computed from it,
-so the attention mask is the only place the order shows up.
+Two layouts, one convention. A forward pass sees its tokens in *sorted order*: clean tokens first, then masks
+(§5). `order[b, i]` is the original position of the i-th token of row b, and RoPE rotates by it, so a token
+means the same wherever the layout puts it and the attention mask is the only place the order shows up.
+- The diffusion forward (the MDM term, and every sampling call) feeds the L tokens of z_t in that order.
+- The sequential forward (the AR term) feeds two streams, [z ; x]: the masked positions of z0 as mask tokens
+  (queries), and the clean sequence x (keys). Two, because a masked position's query must not see its own
+  token, while the positions after it must see that token as a key: one stream cannot do both.
+
+Reading path for the sampler: generate -> reveal_schedule (how many tokens each call decodes) ->
+generation_order (in which order) -> _generate (feeds each call only what the cache lacks; the comment there
+says why that is exact) -> Transformer.forward -> Attention.forward -> KVCache.update.
 """
 import contextlib
 import http.client
@@ -102,16 +111,17 @@ class KVCache:
     """Preallocated keys and values of one layer, (B, nh, L, hs), written in place (gpt-fast style).
 
     Unlike an AR cache, slot i holds the i-th token in *generation order*, not position i: each row of the batch
-    has its own order, and the positions of its tokens live in RoPE, not in the slot index."""
+    has its own order, and the positions of its tokens live in RoPE, not in the slot index. A call writes every
+    token it is fed, masks included; the sampler then keeps only the slots whose keys/values stay valid (its
+    n_cached), and the next call overwrites the rest (§6.3). (A) rewrites its whole clean block at every call of
+    its diffusion phase."""
 
     def __init__(self, size):
-        self.size = size  # L slots: every token enters the cache at most once
+        self.size = size  # L slots: the sequence never holds more tokens
         self.k = self.v = None
 
     def update(self, start, k, v):
-        """Write the chunk (B, nh, T, hs) at slots [start, start+T); return the keys/values of slots [0, start+T).
-        The sampler advances `start` only past the chunk's clean tokens, so the next chunk overwrites the
-        masks' slots: their keys/values must not be kept (§6.3)."""
+        """Write the chunk (B, nh, T, hs) at slots [start, start+T); return the keys/values of slots [0, start+T)."""
         if self.k is None:  # allocated on first use, so it takes the dtype of autocast if one is active
             B, nh, _, hs = k.shape
             self.k = k.new_empty(B, nh, self.size, hs)
@@ -139,8 +149,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nh, start+T, hs)
         if isinstance(attn_mask, tuple):
-            # the sequential layout [z ; x] (§5): x never attends to z, so its L queries run as an attention of
-            # their own (causal for (B): the fast path) and only the M z-queries read the (M, M+L) mask.
+            # the sequential layout [z ; x] (module docstring): x never attends to z, so its L queries run as an
+            # attention of their own (causal for (B): the fast path) and only the M z-queries read the (M, M+L) mask.
             # Measured on CPU: 4 x 256 model, L = 256, alpha0 = 0.25: -6% time per training step
             z_mask, x_mask = attn_mask
             M = z_mask.size(-2)
@@ -150,7 +160,6 @@ class Attention(nn.Module):
             y = self.sdpa(q, k, v, attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
 
     def sdpa(self, q, k, v, attn_mask):
         # attn_mask None means causal over the sorted order, as in the (B) diffusion forward: SDPA then skips
@@ -208,8 +217,8 @@ class Transformer(nn.Module):
     def forward(self, idx, pos, attn_mask=None, caches=None, start=0):
         """idx, pos: (B, T) token ids (mask_id allowed) and original positions, in sorted order.
         attn_mask: (B or 1, 1, T, start+T), bool (True = may attend) or additive (0 / -inf); None = causal; a pair
-        for the sequential layout (see sequential_forward). caches: one KVCache per layer, written at slots [start, start+T)
-        (sampling only). Returns the final hidden states (B, T, C): callers
+        for the sequential layout (see sequential_forward). caches: one KVCache per layer, written at slots
+        [start, start+T) (sampling only). Returns the final hidden states (B, T, C): callers
         apply lm_head only to the rows they need, which skips the C x V product on clean tokens."""
         x = self.drop(self.wte(idx))
         dtype = self.compute_dtype()
@@ -228,17 +237,20 @@ class Transformer(nn.Module):
 # Attention masks (§5). A[q, j] = True: the token at sorted index q may attend to the one at sorted index j.
 
 def visible(q, j, prefix):
-    """The one rule behind every mask: causal over the sorted order, except that the first `prefix` tokens
-    (the bidirectional clean block of (A); 0 for (B)) are visible to all. q, j: sorted indices (Tq,), (Tk,)."""
+    """The rule behind the diffusion masks, the x-stream of the sequential mask and every call of the sampler:
+    causal over the sorted order, except that the first `prefix` tokens (the bidirectional clean block of (A); 0
+    for (B)) are visible to all. q, j: sorted indices (Tq,), (Tk,). (The z-queries of the sequential mask follow
+    a rule of their own: see sequential_mask.)"""
     return (j <= q[:, None]) | (j < prefix)
 
 
-def diffusion_mask(n_clean, L, variant):
-    """(B, 1, L, L) mask of the L-token diffusion forward: clean tokens first, then masks. n_clean: (B,).
+def diffusion_mask(prefix, L, variant):
+    """(B, 1, L, L) mask of the L-token diffusion forward: clean tokens first, then masks. prefix (B,): the clean
+    tokens that see each other both ways in (A) (all of them in training; the sampler freezes the block).
 
     (B): plain causal; a clean token sees only the clean tokens before it in the (random) order, which is why
     its keys/values can be cached. (A): the clean block is bidirectional; masks see every clean token and the
-    masks before them. L = 4, n_clean = 2 (c = clean, m = mask, 1 = may attend):
+    masks before them. L = 4, prefix = 2 (c = clean, m = mask, 1 = may attend):
 
         (B)    c c m m        (A)    c c m m
             c  1 . . .            c  1 1 . .
@@ -246,9 +258,8 @@ def diffusion_mask(n_clean, L, variant):
             m  1 1 1 .            m  1 1 1 .
             m  1 1 1 1            m  1 1 1 1
     """
-    i = torch.arange(L, device=n_clean.device)
-    prefix = n_clean if variant == "A" else torch.zeros_like(n_clean)
-    return visible(i, i, prefix[:, None, None]).unsqueeze(1)
+    i = torch.arange(L, device=prefix.device)
+    return visible(i, i, (prefix if variant == "A" else torch.zeros_like(prefix))[:, None, None]).unsqueeze(1)
 
 
 def sequential_mask(n_clean, M, L, variant):
@@ -333,9 +344,10 @@ def nll_per_row(logits, targets, sel):
 
 def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
     """Tokens decoded per network call of the diffusion phase, k_1..k_S (empty steps dropped), and the number of
-    tokens left to the sequential phase, decoded one per call. Drawing, for each masked position, the step that reveals it (or none: then the
-    sequential phase decodes it) has the same law as k_s ~ Binomial(remaining, (alpha_s - alpha_t)/(1 - alpha_t))
-    step by step, and needs one draw instead of `steps` dependent ones."""
+    tokens left to the sequential phase, decoded one per call. Drawing, for each masked position, the step that
+    reveals it (or none: then the sequential phase decodes it) has the same law as drawing
+    k_s ~ Binomial(remaining, (alpha_s - alpha_t) / (1 - alpha_t)) step by step, and needs one draw instead of
+    `steps` dependent ones."""
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
     p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step s), then P(left to the AR phase)
     step = torch.searchsorted(p.cumsum(0), rand(n_gen, device=device, generator=generator, dtype=torch.float64),
@@ -522,8 +534,8 @@ class EsoLM(Transformer):
         kv_cache=False runs the uncached reference (a full L-token forward per call, what MDLM pays); both give
         the same tokens for the same generator state. `generator` must live on the model's device. compile=True
         runs each cached call's network through torch.compile (dynamic shapes; the first calls pay for compiling).
-        Returns x, then the logits of each call (a list of (B, k, V), at least float32) if return_logits, then the network
-        call that decoded each position ((B, L), 1 for the first call, 0 for given tokens) if return_calls."""
+        Returns x, then the logits of each call (a list of (B, k, V), at least float32) if return_logits, then the
+        network call that decoded each position ((B, L), 1 for the first call, 0 for given tokens) if return_calls."""
         _check_alpha0(alpha0)
         if not (isinstance(num_samples, int) and num_samples >= 1 and isinstance(steps, int) and steps >= 1):
             raise ValueError(f"num_samples and steps must be integers >= 1, got {num_samples} and {steps}")
@@ -632,6 +644,18 @@ def resolve_device(name="auto"):
     return name
 
 
+def check_args(args, rules):
+    """A script's settings against their domains, before any work: rules are (key, ok, what is allowed), and the
+    first one that is not ok is a ValueError "--key=value: what is allowed". Returns the device (resolve_device)."""
+    for key, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"--{key}={getattr(args, key)}: {rule}")
+    try:
+        return resolve_device(getattr(args, "device", "auto"))
+    except ValueError as e:
+        raise ValueError(f"--device={args.device}: {e}") from None
+
+
 def autocast(device, dtype="auto"):
     """(context, name) of the compute precision: dtype "auto" is bfloat16 autocast on a GPU that has it, else
     float32 (no autocast); "bfloat16" asks for autocast on any device (on a CPU it is emulated, slowly)."""
@@ -669,6 +693,18 @@ def model_from_checkpoint(ckpt, device="cpu", ema=True):
     model = EsoLM(EsoLMConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema"] if ema and ckpt["ema"] else ckpt["model"])
     return model.to(device).eval()
+
+
+def load_model(out_dir, init_from="", device="cpu", ema=True):
+    """(model, checkpoint) a script runs: a published model (init_from: hub id or folder; checkpoint None), else
+    out_dir/ckpt.pt of train.py. A problem is a ValueError that names the setting."""
+    try:
+        if init_from:
+            return EsoLM.from_pretrained(init_from).to(device), None
+        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        return model_from_checkpoint(ckpt, device, ema), ckpt
+    except (ValueError, OSError) as e:  # OSError: a failed download
+        raise ValueError(f"--init_from={init_from}: {e}" if init_from else f"--out_dir={out_dir}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import prepare_data
-from esolm import EsoLM, autocast, load_checkpoint, model_from_checkpoint, resolve_device
+from esolm import autocast, check_args, load_model
 
 # -----------------------------------------------------------------------------------------------------------
 # the pieces sample.py and sweep.py use
@@ -136,28 +136,16 @@ def main(argv=None):
     def die(msg):
         raise SystemExit(f"evaluate.py: {msg}")
 
-    for key, ok, rule in (("alpha0", args.alpha0 is None or 0 <= args.alpha0 <= 1, "must be in [0, 1]"),
-                          ("windows", args.windows >= 2, "must be at least 2 (for a standard error)"),
-                          ("orders", all(k >= 1 for k in args.orders), "each K must be at least 1"),
-                          ("batch_size", args.batch_size >= 1, "must be at least 1"),
-                          ("seed", args.seed >= 0, "must be at least 0"),
-                          ("dtype", args.dtype in ("auto", "bfloat16", "float32"), "must be auto, bfloat16 or float32")):
-        if not ok:
-            die(f"--{key}={getattr(args, key)}: {rule}")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        die(f"--device={args.device}: {e}")
-    try:
-        if args.init_from:
-            model, trained, source = EsoLM.from_pretrained(args.init_from).to(device), {}, args.init_from
-        else:
-            ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
-            model, trained = model_from_checkpoint(ckpt, device, args.ema), ckpt["train_config"]
-            source = f"{args.out_dir}/ckpt.pt (iter {ckpt['iter_num']})"
-    except (ValueError, OSError) as e:
-        die(f"--init_from={args.init_from}: {e}" if args.init_from else f"--out_dir={args.out_dir}: {e}")
-    try:
+    try:  # every setting is checked here, before the model is read
+        device = check_args(args, (
+            ("alpha0", args.alpha0 is None or 0 <= args.alpha0 <= 1, "must be in [0, 1]"),
+            ("windows", args.windows >= 2, "must be at least 2 (for a standard error)"),
+            ("orders", all(k >= 1 for k in args.orders), "each K must be at least 1"),
+            ("batch_size", args.batch_size >= 1, "must be at least 1"),
+            ("seed", args.seed >= 0, "must be at least 0"),
+            ("dtype", args.dtype in ("auto", "bfloat16", "float32"), "must be auto, bfloat16 or float32")))
+        model, ckpt = load_model(args.out_dir, args.init_from, device, args.ema)
+        trained = ckpt["train_config"] if ckpt else {}
         alpha0 = args.alpha0 if args.alpha0 is not None else trained.get("alpha0")
         data_dir, dataset = args.data_dir or trained.get("data_dir", "data"), args.dataset or trained.get("dataset")
         if alpha0 is None or dataset is None:
@@ -165,6 +153,7 @@ def main(argv=None):
         x = held_out_windows(data_dir, dataset, model.config.block_size, args.windows).to(device)
     except (ValueError, OSError) as e:
         die(e)
+    source = f"{args.out_dir}/ckpt.pt (iter {ckpt['iter_num']})" if ckpt else args.init_from
     amp, dtype = autocast(device, args.dtype)
     print(f"{source}: variant {model.config.variant}, L = {model.config.block_size}; alpha0 = {alpha0}; "
           f"{len(x)} held-out windows of {dataset}; {dtype}")
@@ -172,9 +161,9 @@ def main(argv=None):
     def generator():
         return torch.Generator(device=device).manual_seed(args.seed)
 
-    def report(name, values):
+    def report(name, values, what="perplexity"):
         mean, se = mean_se(values)
-        print(f"  {name:24s} {mean:.4f} +- {se:.4f} nats/token   perplexity {math.exp(mean):.3f} "
+        print(f"  {name:24s} {mean:.4f} +- {se:.4f} nats/token   {what} {math.exp(mean):.3f} "
               f"+- {math.exp(mean) * se:.3f}")
         return {"mean": mean, "se": se}
 
@@ -187,7 +176,7 @@ def main(argv=None):
             gen = generator()
             exact = per_token(lambda b: model.exact_nll(b, alpha0, k, gen), x, args.batch_size)
             results[f"exact_k{k}"] = report(f"exact, K = {k}", exact)
-            results[f"exact_k{k}_minus_nelbo"] = report(f"  minus the NELBO", exact - nelbo)
+            results[f"exact_k{k}_minus_nelbo"] = report("  minus the NELBO", exact - nelbo, "perplexity ratio")
     if model.config.variant != "B":
         print("  exact likelihood: variant B only (the clean tokens of (A) see each other both ways)")
     with open(os.path.join(args.out_dir, "eval.json") if not args.init_from else os.devnull, "w") as f:

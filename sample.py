@@ -23,7 +23,7 @@ import time
 import torch
 
 import prepare_data
-from esolm import EsoLM, autocast, load_checkpoint, model_from_checkpoint, resolve_device
+from esolm import autocast, check_args, load_model
 
 MASK_GLYPH = "\u2591"  # how --show draws a position that is still masked
 
@@ -77,7 +77,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=0, help="samples per call of generate (0: all at once)")
     p.add_argument("--alpha0", type=float, default=None, help="default: the value the model trained with")
     p.add_argument("--steps", type=int, default=0, help="diffusion steps T (0: block_size)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.8, help="as nanoGPT's sample.py; 1: the model's own")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling, as the paper's samples; 1: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="", help="text to continue")
@@ -95,8 +95,8 @@ def main(argv=None):
     def die(msg):
         raise SystemExit(f"sample.py: {msg}")
 
-    # every setting is checked here, before the checkpoint is read
-    for key, ok, rule in (
+    try:  # every setting is checked here, before the model is read
+        device = check_args(args, (
             ("num_samples", args.num_samples >= 1, "must be at least 1"),
             ("batch_size", args.batch_size >= 0, "must be at least 1, or 0 for all samples at once"),
             ("alpha0", args.alpha0 is None or 0 <= args.alpha0 <= 1, "must be in [0, 1]"),
@@ -105,31 +105,17 @@ def main(argv=None):
             ("top_p", 0 < args.top_p <= 1, "must be in (0, 1] (1: no nucleus filter)"),
             ("seed", args.seed >= 0, "must be at least 0"),
             ("dtype", args.dtype in ("auto", "bfloat16", "float32"), "must be auto, bfloat16 or float32"),
-            ("infill", not (args.prompt and args.infill), "give --prompt or --infill, not both")):
-        if not ok:
-            die(f"--{key}={getattr(args, key)}: {rule}")
-    try:
-        device = resolve_device(args.device)
+            ("infill", not (args.prompt and args.infill), "give --prompt or --infill, not both")))
+        model, ckpt = load_model(args.out_dir, args.init_from, device, args.ema)
+        tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"] if ckpt else "gpt2")
     except ValueError as e:
-        die(f"--device={args.device}: {e}")
-
-    flag = f"--init_from={args.init_from}" if args.init_from else f"--out_dir={args.out_dir}"
-    try:
-        if args.init_from:
-            model = EsoLM.from_pretrained(args.init_from).to(device)
-            tokenizer, source, trained_alpha0, data = prepare_data.get_tokenizer("gpt2"), args.init_from, None, None
-        else:
-            ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
-            model = model_from_checkpoint(ckpt, device, args.ema)
-            tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
-            source = f"{args.out_dir}/ckpt.pt: iter {ckpt['iter_num']}"
-            trained_alpha0, data = ckpt["train_config"]["alpha0"], ckpt["train_config"]
-    except (ValueError, OSError) as e:
-        die(f"{flag}: {e}")
+        die(e)
+    source = f"{args.out_dir}/ckpt.pt: iter {ckpt['iter_num']}" if ckpt else args.init_from
+    trained_alpha0 = ckpt["train_config"]["alpha0"] if ckpt else None
     config = model.config
     alpha0 = trained_alpha0 if args.alpha0 is None else args.alpha0
     if alpha0 is None:
-        die(f"--alpha0 is needed for {args.init_from} (its config does not say which alpha0 it was trained with)")
+        die(f"--alpha0: needed for {args.init_from} (its config does not say which alpha0 it was trained with)")
     if trained_alpha0 is not None and alpha0 != trained_alpha0:
         print(f"note: sampling at alpha0={alpha0}, but the model trained at {trained_alpha0}: it saw diffusion "
               f"contexts with at most about {trained_alpha0:.0%} clean tokens", file=sys.stderr)
@@ -139,7 +125,8 @@ def main(argv=None):
     if args.prompt or args.infill:
         ids = encode_template(args.infill, tokenizer, model.mask_id) if args.infill else tokenizer.encode(args.prompt)
         if len(ids) > config.block_size:
-            die(f"--{'infill' if args.infill else 'prompt'}: {len(ids)} tokens, more than block_size={config.block_size}")
+            flag = "--infill" if args.infill else "--prompt"
+            die(f"{flag}: {len(ids)} tokens, more than block_size={config.block_size}")
         prompt, n_prompt = torch.tensor(ids, dtype=torch.long, device=device), len(ids)
 
     nfe = 0
@@ -178,9 +165,9 @@ def main(argv=None):
         print(f"---------- batch of {n}: NFE {nfe}, {dt:.2f} s")
     if args.cut_eot:
         print(f"{n_cut} of {args.num_samples} samples cut at an end-of-text token (--no-cut_eot keeps them whole)")
-    if data and tokenizer.name == "bytes":
+    if ckpt and tokenizer.name == "bytes":
         from evaluate import corpus_word_rate, training_words
-        rate = corpus_word_rate(texts, training_words(data["data_dir"], data["dataset"]))
+        rate = corpus_word_rate(texts, training_words(ckpt["train_config"]["data_dir"], ckpt["train_config"]["dataset"]))
         print(f"corpus word rate: {rate:.1%} of the samples' words occur in the training text")
 
 

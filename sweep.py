@@ -3,15 +3,16 @@ The paper's alpha0 story at small scale: train Eso-LM (B) at several alpha0 on t
 token budget, then compare likelihoods and sample quality. Resumable: each finished run is one row of
 <out>/results.json, and a rerun skips what is done.
 
-    python sweep.py                          # CPU preset: train.py's CPU sizes, about an hour on 2 cores
-    python sweep.py --preset=gpu             # bigger model, longer context, longer runs: one GPU
-    python sweep.py --alpha0s 0 0.25 1       # a subset
+    python sweep.py                              # train.py's defaults (the CPU preset without a GPU)
+    python sweep.py --alpha0s 0 0.25 1           # a subset
+    python sweep.py --train_args --max_iters=2000 --block_size=512   # any train.py settings, for every run
 
-For each run: NELBO perplexity on fixed validation windows (fixed noise), the "exact" perplexity of the
-sampler with one token per call (K = 1 and K = 16 generation orders), and, for alpha0 in --gen_alpha0s, the
-generative perplexity of samples at several step counts (scored by the alpha0 = 0 model, a pure AR model trained
-on the same data) and their mean unigram entropy. Writes results.json, results.csv and, with matplotlib
-installed, sweep.png.
+For each run, on the same held-out windows with the same noise (mean +- standard error over the windows): the
+NELBO, the "exact" likelihood of the sampler with one token per call for K = 1 and K = 16 generation orders (see
+evaluate.py), and their paired differences. For alpha0 in --gen_alpha0s: samples at several numbers of diffusion
+steps T, scored by the alpha0 = 0 run (a pure AR model trained on the same data: generative perplexity), their
+mean unigram entropy, and for byte-level data their corpus word rate. Writes results.json, results.csv and, with
+matplotlib installed, sweep.png.
 """
 import argparse
 import csv
@@ -25,32 +26,30 @@ import time
 import numpy as np
 import torch
 
-import prepare_data
-from esolm import EsoLM, EsoLMConfig
-from sample import load_checkpoint
+from esolm import autocast, load_checkpoint, model_from_checkpoint, resolve_device
+from evaluate import corpus_word_rate, held_out_windows, mean_se, per_token, training_words
 
-PRESETS = {  # settings passed to train.py on top of its defaults (and, without a GPU, its CPU preset)
-    "cpu": [],
-    "gpu": ["--block_size=512", "--n_layer=8", "--n_head=8", "--n_embd=512", "--batch_size=64", "--max_iters=10000",
-            "--eval_interval=1000", "--dropout=0.1"],
-}
-
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--preset", default="cpu", choices=PRESETS)
-p.add_argument("--out", default="sweep", help="folder for the runs and the results")
-p.add_argument("--alpha0s", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5, 1.0])
-p.add_argument("--gen_alpha0s", type=float, nargs="+", default=[1.0, 0.25], help="runs whose samples are scored")
-p.add_argument("--gen_steps", type=int, nargs="+", default=[16, 64, 256])
-p.add_argument("--eval_windows", type=int, default=128, help="validation windows for the likelihoods")
-p.add_argument("--num_samples", type=int, default=32, help="samples per (run, steps) for generative perplexity")
-p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="more train.py settings, e.g. --max_iters=100")
-args = p.parse_args()
-device = "cuda" if torch.cuda.is_available() else "cpu"
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--out", default="sweep", help="folder for the runs and the results")
+parser.add_argument("--alpha0s", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5, 1.0])
+parser.add_argument("--gen_alpha0s", type=float, nargs="+", default=[1.0, 0.25], help="runs whose samples are scored")
+parser.add_argument("--gen_steps", type=int, nargs="+", default=[16, 64, 128], help="T; only T <= L are used")
+parser.add_argument("--eval_windows", type=int, default=128, help="held-out windows for the likelihoods")
+parser.add_argument("--num_samples", type=int, default=32, help="samples per (run, steps) for generative perplexity")
+parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="more train.py settings, last")
+args = parser.parse_args()
+for key, ok, rule in (("alpha0s", all(0 <= a <= 1 for a in args.alpha0s + args.gen_alpha0s), "each in [0, 1]"),
+                      ("gen_steps", all(s >= 1 for s in args.gen_steps), "each at least 1"),
+                      ("eval_windows", args.eval_windows >= 2, "at least 2 (for a standard error)"),
+                      ("num_samples", args.num_samples >= 1, "at least 1")):
+    if not ok:
+        sys.exit(f"sweep.py: --{key}: must be {rule}")
+device = resolve_device("auto")
+amp, _ = autocast(device)  # as sample.py: bfloat16 on a GPU that has it
 os.makedirs(args.out, exist_ok=True)
 results_path = os.path.join(args.out, "results.json")
 results = json.load(open(results_path)) if os.path.exists(results_path) else []
-if 0.0 not in args.alpha0s:
-    args.alpha0s = [0.0] + args.alpha0s  # the AR model is the scorer of generative perplexity
+alpha0s = sorted(set(args.alpha0s) | {0.0})  # the AR model (alpha0 = 0) scores the samples of the others
 
 
 def run_dir(alpha0):
@@ -60,8 +59,7 @@ def run_dir(alpha0):
 def train(alpha0):
     """train.py in a subprocess, resumed if a checkpoint is there; returns its wall time in seconds."""
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(run_dir(alpha0), "ckpt.pt")) else []
-    cmd = [sys.executable, "train.py", f"--alpha0={alpha0}", f"--out_dir={run_dir(alpha0)}", *PRESETS[args.preset],
-           *args.train_args, *resume]
+    cmd = [sys.executable, "train.py", f"--alpha0={alpha0}", f"--out_dir={run_dir(alpha0)}", *args.train_args, *resume]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)
@@ -69,24 +67,8 @@ def train(alpha0):
 
 
 def load(alpha0):
-    ckpt = load_checkpoint(os.path.join(run_dir(alpha0), "ckpt.pt"), device)
-    model = EsoLM(EsoLMConfig(**ckpt["model_config"])).to(device).eval()
-    model.load_state_dict(ckpt["ema"] or ckpt["model"])
-    return model, ckpt
-
-
-def val_windows(meta, L):
-    """The same held-out windows for every run: evenly spaced over the validation shards."""
-    arrays = [prepare_data.read_shard(os.path.join(meta["data_dir"], f)) for f in meta["val_shards"]]
-    tokens = np.concatenate(arrays)
-    starts = np.linspace(0, len(tokens) - L - 1, args.eval_windows).astype(np.int64)
-    return torch.from_numpy(np.stack([tokens[s:s + L] for s in starts]).astype(np.int64)).to(device)
-
-
-@torch.no_grad()
-def per_token(fn, x, batch=32):
-    """Mean of fn(rows) (nats per sequence) over x, per token."""
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)]).mean().item() / x.size(1)
+    ckpt = load_checkpoint(os.path.join(run_dir(alpha0), "ckpt.pt"))
+    return model_from_checkpoint(ckpt, device), ckpt
 
 
 def unigram_entropy(row):
@@ -95,39 +77,49 @@ def unigram_entropy(row):
     return float(-(p * np.log(p)).sum())
 
 
+def fixed_noise():
+    return torch.Generator(device=device).manual_seed(0)  # the same noise and orders for every run
+
+
 # -----------------------------------------------------------------------------------------------------------
 # train every alpha0 (the README's default, 0.25, first), then evaluate each run
 
 done = {r["alpha0"]: r for r in results}
 walls = {}
-for alpha0 in sorted(args.alpha0s, key=lambda a: (a != 0.25, a)):
+for alpha0 in sorted(alpha0s, key=lambda a: (a != 0.25, a)):
     if alpha0 not in done:
         walls[alpha0] = train(alpha0)
-scorer, _ = load(0.0)  # the AR model scores the samples of the others
-for alpha0 in sorted(args.alpha0s):
+scorer, _ = load(0.0)
+for alpha0 in alpha0s:
     if alpha0 in done:
         continue
     model, ckpt = load(alpha0)
-    meta = {**ckpt["dataset_meta"], "data_dir": os.path.join(ckpt["train_config"]["data_dir"],
-                                                             ckpt["train_config"]["dataset"])}
-    x = val_windows(meta, model.config.block_size)
-    g = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731  the same noise for every run
+    L, data = model.config.block_size, (ckpt["train_config"]["data_dir"], ckpt["train_config"]["dataset"])
+    x = held_out_windows(*data, L, args.eval_windows).to(device)
     row = {"alpha0": alpha0, "variant": model.config.variant, "train_seconds": walls.get(alpha0),
-           "iters": ckpt["iter_num"], "params": model.num_params(), "block_size": model.config.block_size,
-           "windows": len(x)}
-    gen = g()
-    row["nelbo"] = per_token(lambda b: model.nelbo(b, alpha0, gen), x)
-    for k in (1, 16):
-        gen = g()
-        row[f"exact_k{k}"] = per_token(lambda b: model.exact_nll(b, alpha0, k, gen), x)
-    if alpha0 in args.gen_alpha0s or alpha0 == 0.0:
-        for steps in args.gen_steps:
-            gen = g()
-            t0 = time.time()
-            samples = model.generate(args.num_samples, alpha0, steps, generator=gen)
-            row[f"gen_seconds_T{steps}"] = time.time() - t0
-            row[f"gen_nll_T{steps}"] = per_token(lambda b: scorer.nelbo(b, 0.0), samples)
-            row[f"entropy_T{steps}"] = float(np.mean([unigram_entropy(r) for r in samples.cpu().numpy()]))
+           "params": model.num_params(), "block_size": L, "windows": len(x)}
+    with amp:
+        gen = fixed_noise()
+        nelbo = per_token(lambda b: model.nelbo(b, alpha0, gen), x)
+        row["nelbo"], row["nelbo_se"] = mean_se(nelbo)
+        for k in (1, 16) if model.config.variant == "B" else ():  # (A) has no exact likelihood
+            gen = fixed_noise()
+            exact = per_token(lambda b: model.exact_nll(b, alpha0, k, gen), x)
+            row[f"exact_k{k}"], row[f"exact_k{k}_se"] = mean_se(exact)
+            row[f"exact_k{k}_minus_nelbo"], row[f"exact_k{k}_minus_nelbo_se"] = mean_se(exact - nelbo)
+        if alpha0 in args.gen_alpha0s or alpha0 == 0.0:
+            words = training_words(*data) if ckpt["dataset_meta"]["tokenizer"] == "bytes" else None
+            for steps in (s for s in args.gen_steps if s <= L):
+                gen = fixed_noise()
+                t0 = time.time()
+                samples = model.generate(args.num_samples, alpha0, steps, generator=gen)
+                row[f"gen_seconds_T{steps}"] = time.time() - t0
+                row[f"gen_nll_T{steps}"], row[f"gen_nll_T{steps}_se"] = mean_se(
+                    per_token(lambda b: scorer.nelbo(b, 0.0), samples))
+                row[f"entropy_T{steps}"] = float(np.mean([unigram_entropy(r) for r in samples.cpu().numpy()]))
+                if words is not None:
+                    texts = [bytes(r).decode("utf-8", errors="replace") for r in samples.tolist()]
+                    row[f"word_rate_T{steps}"] = corpus_word_rate(texts, words)
     print(json.dumps(row), flush=True)
     results.append(row)
     with open(results_path + ".tmp", "w") as f:
@@ -138,36 +130,60 @@ for alpha0 in sorted(args.alpha0s):
 # table, CSV, plot
 
 results.sort(key=lambda r: r["alpha0"])
-keys = sorted({k for r in results for k in r}, key=lambda k: list(results[-1]).index(k) if k in results[-1] else 99)
+keys = list(dict.fromkeys(k for r in results for k in r))
 with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=keys)
     writer.writeheader()
     writer.writerows(results)
-print("\nalpha0  NELBO ppl  exact ppl K=1  K=16   " + "  ".join(f"gen ppl T={s}" for s in args.gen_steps))
+
+
+def ppl(r, key):
+    """exp of a per-token value, with its standard error (delta method), or blanks."""
+    return f"{math.exp(r[key]):6.2f} +- {math.exp(r[key]) * r[key + '_se']:4.2f}" if key in r else " " * 14
+
+
+steps_used = sorted({int(k[len("gen_nll_T"):]) for r in results for k in r if k.startswith("gen_nll_T")
+                     and not k.endswith("_se")})
+print("\nalpha0  NELBO ppl         exact ppl K=1     K=16              K=1 - NELBO (nats/token)  "
+      + "  ".join(f"gen ppl T={s:<5d}   words" for s in steps_used))
 for r in results:
-    gen = "  ".join(f"{math.exp(r[f'gen_nll_T{s}']):11.2f}" if f"gen_nll_T{s}" in r else " " * 11
-                    for s in args.gen_steps)
-    print(f"{r['alpha0']:6g}  {math.exp(r['nelbo']):9.3f}  {math.exp(r['exact_k1']):13.3f}  "
-          f"{math.exp(r['exact_k16']):6.3f}   {gen}")
+    diff = f"{r['exact_k1_minus_nelbo']:+.4f} +- {r['exact_k1_minus_nelbo_se']:.4f}" if "exact_k1" in r else ""
+    gen = "  ".join(f"{ppl(r, f'gen_nll_T{s}')}  {r.get(f'word_rate_T{s}', math.nan):6.1%}" for s in steps_used)
+    print(f"{r['alpha0']:6g}  {ppl(r, 'nelbo')}  {ppl(r, 'exact_k1')}  {ppl(r, 'exact_k16')}  {diff:24s}  {gen}")
 try:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 except ImportError:
-    sys.exit("sweep.py: matplotlib is not installed (pip install matplotlib): results.json and results.csv are "
-             "written, the plot is not")
+    print("matplotlib is not installed (pip install matplotlib): results.json and results.csv are written, "
+          "sweep.png is not")
+    sys.exit(0)
+
+
+def errorbar(ax, xs, means, ses, **kw):
+    """Perplexities exp(mean) with error bars of one standard error (delta method)."""
+    ax.errorbar(xs, np.exp(means), yerr=np.exp(means) * np.array(ses), capsize=3, **kw)
+
+
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-a = [r["alpha0"] for r in results]
 for key, label in (("nelbo", "NELBO (bound)"), ("exact_k1", "exact, K = 1"), ("exact_k16", "exact, K = 16")):
-    ax1.plot(a, [math.exp(r[key]) for r in results], "o-", label=label)
+    rows = [r for r in results if key in r]
+    errorbar(ax1, [r["alpha0"] for r in rows], [r[key] for r in rows], [r[key + "_se"] for r in rows], fmt="o-",
+             label=label)
 ax1.set(xlabel="alpha0 (0 = AR, 1 = MDM)", ylabel="validation perplexity (per token)", title="Likelihood vs alpha0")
 ax1.legend()
 for r in results:
-    if r["alpha0"] in args.gen_alpha0s:
-        nfe = [s for s in args.gen_steps if f"gen_nll_T{s}" in r]
-        ax2.plot(nfe, [math.exp(r[f"gen_nll_T{s}"]) for s in nfe], "o-", label=f"alpha0 = {r['alpha0']:g}")
-ax2.set(xscale="log", xlabel="diffusion steps T", ylabel="generative perplexity (AR scorer)",
-        title="Sample quality vs steps")
+    steps = [s for s in steps_used if f"gen_nll_T{s}" in r]
+    if r["alpha0"] in args.gen_alpha0s and steps:
+        errorbar(ax2, steps, [r[f"gen_nll_T{s}"] for s in steps], [r[f"gen_nll_T{s}_se"] for s in steps], fmt="o-",
+                 label=f"alpha0 = {r['alpha0']:g}")
+ar = next((r for r in results if r["alpha0"] == 0.0 and f"gen_nll_T{steps_used[0]}" in r), None) if steps_used else None
+if ar:  # the scorer's perplexity on its own samples: the floor an AR model of this size reaches
+    ax2.axhline(math.exp(ar[f"gen_nll_T{steps_used[0]}"]), color="gray", ls="--", label="AR model (alpha0 = 0)")
+ax2.set(xscale="log", xlabel="diffusion steps T (NFE is at most T plus the sequential tokens)",
+        ylabel="generative perplexity (AR scorer)", title="Sample quality vs steps")
+ax2.set_xticks(steps_used, [str(s) for s in steps_used])
+ax2.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 ax2.legend()
 fig.tight_layout()
 fig.savefig(os.path.join(args.out, "sweep.png"), dpi=120)

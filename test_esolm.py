@@ -33,7 +33,22 @@ def sharp_model(variant, dtype=torch.float64, vocab_size=V, block_size=L, seed=0
 
 
 def gen(model, seed, **kw):
-    return model.generate(generator=torch.Generator().manual_seed(seed), return_logits=True, **kw)
+    device = model.wte.weight.device
+    return model.generate(generator=torch.Generator(device).manual_seed(seed), return_logits=True, **kw)
+
+
+# the parity tests run on every device there is: the CPU always, CUDA when this machine has it
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device on this machine"))]
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full float32 on CUDA (TF32 would round them to 10 bits of mantissa)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def replay_schedule(seed, model, n_gen, alpha0, steps, to_gen):
@@ -72,9 +87,11 @@ def test_rope_scores_depend_only_on_relative_position():
 @pytest.mark.parametrize("alpha0,steps", [(0, 4), (0.25, 8), (1, 12), (0.7, 3)])
 @pytest.mark.parametrize("prompt", list(PROMPTS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
-def test_cached_equals_uncached(variant, alpha0, steps, prompt, dtype, tol):
-    model = sharp_model(variant, dtype)
-    kw = dict(num_samples=3, alpha0=alpha0, steps=steps, prompt=PROMPTS[prompt])
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_equals_uncached(variant, alpha0, steps, prompt, dtype, tol, device, no_tf32):
+    model = sharp_model(variant, dtype).to(device)
+    p = PROMPTS[prompt]
+    kw = dict(num_samples=3, alpha0=alpha0, steps=steps, prompt=None if p is None else p.to(device))
     x1, logits1 = gen(model, 5, kv_cache=True, **kw)
     x2, logits2 = gen(model, 5, kv_cache=False, **kw)
     assert torch.equal(x1, x2)
@@ -83,6 +100,68 @@ def test_cached_equals_uncached(variant, alpha0, steps, prompt, dtype, tol):
         torch.testing.assert_close(a, b, atol=tol, rtol=0)
     if (alpha0, steps) == (0.7, 3):  # this case must decode several tokens in one call
         assert max(t.size(1) for t in logits1) > 1
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampler_under_bf16_autocast(variant, device):
+    """The GPU's precision, also on the CPU as a stand-in: the KV cache takes autocast's dtype, the RoPE tables are
+    cast to it, and the sampler still keeps the prompt and never emits the mask."""
+    model = sharp_model(variant, torch.float32).to(device)
+    prompt = PROMPTS["infill"].to(device)
+    seen = []
+    update = KVCache.update
+
+    def spy(self, start, k, v):
+        seen.append(self.k.dtype if self.k is not None else k.dtype)
+        return update(self, start, k, v)
+
+    with pytest.MonkeyPatch.context() as m, torch.autocast(device, dtype=torch.bfloat16):
+        m.setattr(KVCache, "update", spy)
+        x, logits = gen(model, 3, num_samples=4, alpha0=0.5, steps=4, prompt=prompt)
+    _, reference = gen(model, 3, num_samples=4, alpha0=0.5, steps=4, prompt=prompt, kv_cache=False)  # float32
+    assert set(seen) == {torch.bfloat16}
+    given = prompt != V
+    assert ((x >= 0) & (x < V)).all() and torch.equal(x[:, given], prompt[given].expand(4, -1))
+    # The first call sees the same tokens in both paths, so its logits differ only by bf16 rounding: bf16 keeps 8
+    # bits of mantissa (relative error 2^-9 = 0.002 per rounding), the 2-layer sharp model's logits are of size
+    # about 10 and each passes through about 10 roundings (embedding, q/k/v, scores, softmax, MLP, head): a few
+    # times 0.002 * 10 = 0.02 each; 0.5 leaves room and is still far below what a wrong mask or cache changes
+    # (the logits of the sharp model move by several units then).
+    torch.testing.assert_close(logits[0], reference[0], atol=0.5, rtol=0)
+
+
+def test_training_step_under_cpu_bf16_autocast():
+    """A stand-in for the GPU's bf16 training step: with the same masks, orders and t, the loss and the gradient
+    under bf16 autocast are finite and match float32's up to bf16 rounding."""
+    torch.manual_seed(0)
+    model = EsoLM(EsoLMConfig(vocab_size=V, block_size=L, n_layer=2, n_head=2, n_embd=32))
+    x = torch.randint(0, V, (8, L))
+    losses, grads = [], []
+    for autocast in (True, False):
+        torch.manual_seed(1)  # the same draws in both steps
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            mdm, ar = model.loss_terms(x, 0.25)
+        assert mdm.dtype == ar.dtype == torch.float32  # the cross-entropy runs in float32
+        (mdm + ar).backward()
+        losses.append((mdm + ar).item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        model.zero_grad()
+    assert torch.isfinite(grads[0]).all() and abs(losses[0] / losses[1] - 1) < 0.02, losses
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's own imports
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_compiled_sampler_equals_uncached(variant):
+    """generate(compile=True) runs each cached call through torch.compile: the same tokens and logits."""
+    model = sharp_model(variant, torch.float32)
+    kw = dict(num_samples=2, alpha0=0.5, steps=4, prompt=PROMPTS["infill"])
+    x1, logits1 = gen(model, 5, compile=True, **kw)
+    x2, logits2 = gen(model, 5, kv_cache=False, **kw)
+    assert torch.equal(x1, x2)
+    for a, b in zip(logits1, logits2):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 def test_rows_use_different_orders():

@@ -9,6 +9,7 @@ The gpt2 test needs tiktoken's r50k_base BPE: from the network, or from the fold
 
 import argparse
 import ast
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,6 +23,8 @@ import pytest
 import torch
 
 import prepare_data
+from esolm import EsoLM, EsoLMConfig
+from evaluate import corpus_word_rate, words
 from prepare_data import DataError, ShardWriter, get_tokenizer, load_meta, read_shard
 
 SEED, VAL_FRACTION = 0, 0.5  # 0.5: the small corpus below gets documents in both splits
@@ -362,6 +365,36 @@ def test_ddp_two_processes_on_cpu(tiny_data):
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_ddp_on_cuda_uses_nccl(tiny_data):
+    out = tiny_data / "out_nccl"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        os.path.join(ROOT, "train.py"), "--dataset=tiny", f"--out_dir={out}", "--max_iters=3",
+                        "--eval_interval=3", "--log_interval=1", *TINY, "--device=cuda"],
+                       cwd=tiny_data, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "1 process(es) (nccl)" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("setting", ["--compile=True", "--dtype=bfloat16"])
+def test_gpu_paths_on_the_cpu(tiny_data, setting):
+    """CPU stand-ins for the GPU's training paths: torch.compile (inductor) and bf16 autocast. A few iterations
+    must run, log finite losses and train about as the plain float32 run does (same seed, same draws)."""
+    runs = {}
+    for name, extra in (("plain", []), ("gpu_path", [setting])):
+        out = tiny_data / f"out_{name}_{setting.strip('-').replace('=', '_')}"
+        p = run("train.py", "--dataset=tiny", f"--out_dir={out}", "--max_iters=4", "--eval_interval=4",
+                "--log_interval=1", *TINY, *extra, cwd=tiny_data)
+        runs[name] = [r for r in records(out) if "loss" in r], p.stdout + p.stderr
+    (plain, _), (gpu_path, output) = runs["plain"], runs["gpu_path"]
+    assert [r["iter"] for r in gpu_path] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in gpu_path)
+    for a, b in zip(plain, gpu_path):  # bf16 rounds, inductor reorders sums: close, not equal
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.03)
+    if setting == "--compile=True":
+        assert "torch.compile compiled the model" in output
+    else:  # and it must really run in bf16: rounding moves the loss a little
+        assert "dtype bfloat16" in output and any(a["loss"] != b["loss"] for a, b in zip(plain, gpu_path))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data):
     out = tiny_data / "out_nan"
     args = ["--dataset=tiny", f"--out_dir={out}", "--eval_interval=2", "--log_interval=1", *TINY]
@@ -448,8 +481,73 @@ def test_sample_rejects_what_is_not_our_checkpoint(tiny_data):
     torch.save({"format": "esolm-checkpoint", "version": 1}, bad / "ckpt.pt")
     p = run("sample.py", f"--out_dir={bad}", cwd=tiny_data, ok=False)
     assert "lacks model" in p.stderr and "Traceback" not in p.stderr
-    torch.save({"format": "esolm-checkpoint", "payload": argparse.Namespace(x=1)}, bad / "ckpt.pt")  # needs code to load
+    torch.save({"format": "esolm-checkpoint", "payload": argparse.Namespace(x=1)}, bad / "ckpt.pt")  # needs code
     p = run("sample.py", f"--out_dir={bad}", cwd=tiny_data, ok=False)
     assert "not a checkpoint of this project" in p.stderr and "Traceback" not in p.stderr
     p = run("sample.py", f"--out_dir={tiny_data / 'missing'}", cwd=tiny_data, ok=False)
     assert "no checkpoint at" in p.stderr
+
+
+def eot_checkpoint(trained, folder):
+    """The trained tiny checkpoint, rebuilt with an output bias that makes every generated token the end-of-text
+    token (byte 0): a model whose samples end right after the prompt."""
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    config = EsoLMConfig(**{**ckpt["model_config"], "bias": True})
+    model = EsoLM(config)
+    model.load_state_dict(ckpt["model"], strict=False)  # the biases start at 0
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias[0] = 100.0
+    folder.mkdir(exist_ok=True)
+    torch.save({**ckpt, "model": model.state_dict(), "model_config": dataclasses.asdict(config)}, folder / "ckpt.pt")
+    return folder
+
+
+def test_sample_cuts_at_end_of_text(tiny_data, trained):
+    out = eot_checkpoint(trained, tiny_data / "out_eot")
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=3", "--prompt=To be", "--steps=4", cwd=tiny_data)
+    assert re.findall(r"---------- sample \d\n(.*)\n", p.stdout) == ["To be"] * 3
+    assert "3 of 3 samples cut at an end-of-text token" in p.stdout
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--prompt=To be", "--no-cut_eot", cwd=tiny_data)
+    canvas = p.stdout.split("---------- sample 1\n")[1].split("\n---------- batch")[0]
+    assert canvas.startswith("To be") and canvas.count("<|endoftext|>") == 32 - len("To be")
+    assert "cut at" not in p.stdout
+
+
+def test_sample_show_draws_every_call(tiny_data, trained):
+    p = run("sample.py", f"--out_dir={trained}", "--num_samples=2", "--show", "--infill=To [[12]] be", "--steps=4",
+            "--alpha0=0.5", "--no-cut_eot", cwd=tiny_data)
+    shown, samples = p.stdout.split("---------- sample 1\n")
+    frames = re.findall(r"---------- after call (\d+) of (\d+): \d+ new token\(s\), (\d+) masked\n(.*?)(?=\n-{10} |$)",
+                        shown, re.S)
+    nfe = int(frames[0][1])
+    assert [int(f[0]) for f in frames] == list(range(nfe + 1))  # piped: every call, as there are fewer than 24
+    masked = [int(f[2]) for f in frames]
+    assert masked[0] == 12 + 14 and masked[-1] == 0 and masked == sorted(masked, reverse=True)  # 32 - 18 given
+    assert all(f[3].startswith("To ") and f[3].count("\u2591") == int(f[2]) for f in frames)  # the prompt stays
+    assert frames[-1][3] == samples.split("\n---------- ")[0]  # the last frame is sample 1
+    assert "note: sampling at alpha0=0.5, but the model trained at 0.25" in p.stderr
+
+
+def test_corpus_word_rate_on_a_hand_made_example():
+    vocabulary = set(words("To be, or not to be: that is the question. O'er the hills"))
+    assert vocabulary == {"to", "be", "or", "not", "that", "is", "the", "question", "o'er", "hills"}  # no "O"
+    # 7 words: to, be, or, hills (found), nat, quistion, xyzzy (not); "a" and "I" are too short to count
+    assert corpus_word_rate(["to be OR nat a", "quistion I hills xyzzy"], vocabulary) == pytest.approx(4 / 7)
+    assert math.isnan(corpus_word_rate(["", "a 1 2"], vocabulary))
+
+
+def test_evaluate_reports_likelihoods_with_standard_errors(tiny_data, trained):
+    p = run("evaluate.py", f"--out_dir={trained}", "--windows=6", "--orders", "1", "2", cwd=tiny_data)
+    for name in ("NELBO", "exact, K = 1", "exact, K = 2", "minus the NELBO"):
+        assert re.search(re.escape(name) + r" +[\d.-]+ \+- [\d.]+ nats/token", p.stdout), p.stdout
+    result = json.loads((trained / "eval.json").read_text())
+    assert result["windows"] == 6 and result["nelbo"]["se"] > 0 and result["exact_k1"]["mean"] > 0
+    # K = 2 averages probabilities over more orders: on average it is the tighter estimate
+    assert result["exact_k2"]["mean"] <= result["exact_k1"]["mean"] + 3 * result["exact_k1"]["se"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in p.stdout
+    else:
+        assert (trained / "curves.png").stat().st_size > 0 and (trained / "decoding.png").stat().st_size > 0

@@ -1,0 +1,128 @@
+"""
+Check a GPU setup and measure it, in about 5 minutes on one H100: one command, results in one folder.
+
+    python .ci/gpu_check.py --out=gpu_check          # from the repository root, with data/shakespeare prepared
+
+It needs a prepared data/shakespeare (python prepare_data.py: copy the data/ folder to a machine without network)
+and nothing else from outside. Steps, each one logged to <out>/log.txt, all results in <out>/gpu_check.json:
+1. the test suite's CUDA and bf16 tests (pytest -k "cuda or bf16");
+2. train.py with the GPU defaults for --iters iterations, eager and with --compile=True: ms/iter, tokens/s, MFU,
+   and whether the loss fell; then torchrun --standalone --nproc_per_node=1 for a few iterations (NCCL);
+3. sample.py from the eager run's checkpoint in float32: the cached sampler and --no-kv_cache must print the same
+   samples; NFE and seconds of each;
+4. bench.py --device=cuda (12 x 768, GPT-2 vocabulary, bf16): cached vs uncached vs AR at L = 1024 and 2048, and
+   the training step's MFU at L = 1024.
+A step that fails is recorded with the end of its output, and the check goes on with the next.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--out", default="gpu_check", help="folder for gpu_check.json, log.txt and the runs")
+parser.add_argument("--iters", type=int, default=300, help="training iterations of each train.py run")
+parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "train", "sample", "bench"])
+parser.add_argument("--smoke", action="store_true", help="a dry run of this script: tiny sizes, the CPU if no GPU")
+args = parser.parse_args()
+if args.smoke:
+    args.iters = 4
+os.makedirs(args.out, exist_ok=True)
+out = os.path.abspath(args.out)
+log = open(os.path.join(out, "log.txt"), "a")
+results = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def save():
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def run(name, cmd, timeout=900):
+    """Run a command from the repository root, log it, and record its status, wall time and output's end."""
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    log.write(f"\n== {name}: {' '.join(cmd)}\n")
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        output, ok = p.stdout + p.stderr, p.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        output, ok = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout} s", False
+    log.write(output)
+    log.flush()
+    results[name] = {"ok": ok, "seconds": round(time.time() - t0, 1)}
+    if not ok:
+        results[name]["tail"] = output[-3000:]
+    print(f"   {'ok' if ok else 'FAILED'} in {results[name]['seconds']} s", flush=True)
+    save()
+    return output if ok else None
+
+
+def training_log(out_dir):
+    """The last log line's speed and the first and last losses of a train.py run."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps, evals = [r for r in records if "loss" in r], [r for r in records if "val" in r]
+    return {"ms_per_iter": steps[-1]["ms_per_iter"], "tokens_per_s": steps[-1]["tokens_per_s"],
+            "mfu": steps[-1]["mfu"], "val_first": evals[0]["val"], "val_last": evals[-1]["val"],
+            "loss_fell": evals[-1]["val"] < evals[0]["val"]}
+
+
+import torch  # noqa: E402  (after the argument parsing: --help works without a GPU)
+
+results["machine"] = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+print(json.dumps(results["machine"]), flush=True)
+if not torch.cuda.is_available() and not args.smoke:
+    sys.exit("gpu_check.py: no CUDA device: this check is for a GPU machine (the CPU is covered by the tests)")
+py = sys.executable
+device = "cuda" if torch.cuda.is_available() else "cpu"
+tiny = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--vocab_size=256", "--sample_batch=2", "--train_batch=2",
+        "--block_size=32"] if args.smoke else []
+
+if "tests" not in args.skip:
+    output = run("tests", [py, "-m", "pytest", "-q", "-k", "cuda or bf16", "test_esolm.py", "test_pipeline.py"])
+    if output:
+        results["tests"]["summary"] = output.strip().splitlines()[-1]
+
+if "train" not in args.skip:
+    common = [f"--max_iters={args.iters}", f"--eval_interval={args.iters}", "--eval_iters=10", "--log_interval=25"]
+    for name, extra in (("train_eager", []), ("train_compiled", ["--compile=True"])):
+        run_dir = os.path.join(out, name)
+        if run(name, [py, "train.py", "--alpha0=0.25", f"--out_dir={run_dir}", *common, *extra]) is not None:
+            results[name].update(training_log(run_dir))
+    run("torchrun_nccl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+                          "--alpha0=0.25", f"--out_dir={os.path.join(out, 'train_ddp')}", "--max_iters=20",
+                          "--eval_interval=20", "--eval_iters=2", "--log_interval=10"])
+
+if "sample" not in args.skip and os.path.exists(os.path.join(out, "train_eager", "ckpt.pt")):
+    samples = {}
+    for name, extra in (("sample_cached", []), ("sample_uncached", ["--no-kv_cache"])):
+        output = run(name, [py, "sample.py", f"--out_dir={os.path.join(out, 'train_eager')}", "--num_samples=4",
+                            "--dtype=float32", "--seed=0", *extra])
+        if output:
+            samples[name] = re.findall(r"---------- sample \d+\n(.*?)(?=\n---------- )", output, re.S)
+            nfe, seconds = re.search(r"NFE (\d+), ([\d.]+) s", output).groups()
+            results[name].update(nfe=int(nfe), sample_seconds=float(seconds))
+    if len(samples) == 2:
+        results["cached_equals_uncached"] = samples["sample_cached"] == samples["sample_uncached"]
+
+if "bench" not in args.skip:
+    bench_json = os.path.join(out, "bench.json")
+    lengths = ["32", "64"] if args.smoke else ["1024", "2048"]
+    run("bench", [py, "bench.py", f"--device={device}", "--lengths", *lengths, "--repeats=2", f"--json={bench_json}",
+                  *tiny], timeout=1200)
+    run("bench_training", [py, "bench.py", f"--device={device}", "--skip_sampling", "--repeats=3",
+                           *(tiny or ["--block_size=1024"]), f"--json={os.path.join(out, 'bench_training.json')}"])
+    for name in ("bench", "bench_training"):
+        path = os.path.join(out, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name]["results"] = {k: v for k, v in json.load(f).items() if k in ("lengths", "training")}
+results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+save()
+print(f"wrote {out}/gpu_check.json and log.txt")
