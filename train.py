@@ -127,7 +127,7 @@ MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "variant")  # a resum
 # `python train.py --alpha0=0.25` trains in under 6 minutes on 2 CPU cores. On a CPU, many small steps learn more
 # per second than few big ones (batch 8 x 3000 steps beat batch 32 x 500 and batch 16 x 1000 in the same time).
 CPU_PRESET = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=8, learning_rate=1.5e-3,
-                  min_lr=1.5e-4, warmup_iters=100, max_iters=3000, eval_interval=1500, eval_iters=8, log_interval=100,
+                  min_lr=1.5e-4, warmup_iters=100, max_iters=2800, eval_interval=1400, eval_iters=8, log_interval=100,
                   peak_flops=0.0)
 
 
@@ -287,8 +287,7 @@ if master:
 params = [p for p in model.parameters() if p.requires_grad]
 groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
           {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                              fused=device_type == "cuda")
+optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 if resumed:
     optimizer.load_state_dict(ckpt["optimizer"])
 iter_num = ckpt["iter_num"] if resumed else 0
