@@ -656,6 +656,9 @@ def check_args(args, rules):
         raise ValueError(f"--device={args.device}: {e}") from None
 
 
+DTYPES = ("auto", "bfloat16", "float32")  # the --dtype of every script
+
+
 def autocast(device, dtype="auto"):
     """(context, name) of the compute precision: dtype "auto" is bfloat16 autocast on a GPU that has it, else
     float32 (no autocast); "bfloat16" asks for autocast on any device (on a CPU it is emulated, slowly)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import prepare_data
-from esolm import autocast, check_args, load_model
+from esolm import DTYPES, autocast, check_args, load_model
 
 # -----------------------------------------------------------------------------------------------------------
 # the pieces sample.py and sweep.py use
@@ -143,7 +143,7 @@ def main(argv=None):
             ("orders", all(k >= 1 for k in args.orders), "each K must be at least 1"),
             ("batch_size", args.batch_size >= 1, "must be at least 1"),
             ("seed", args.seed >= 0, "must be at least 0"),
-            ("dtype", args.dtype in ("auto", "bfloat16", "float32"), "must be auto, bfloat16 or float32")))
+            ("dtype", args.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")))
         model, ckpt = load_model(args.out_dir, args.init_from, device, args.ema)
         trained = ckpt["train_config"] if ckpt else {}
         alpha0 = args.alpha0 if args.alpha0 is not None else trained.get("alpha0")

@@ -23,7 +23,7 @@ import time
 import torch
 
 import prepare_data
-from esolm import autocast, check_args, load_model
+from esolm import DTYPES, autocast, check_args, load_model
 
 MASK_GLYPH = "\u2591"  # how --show draws a position that is still masked
 
@@ -42,7 +42,7 @@ def cut_at_eot(row, start, eot_id):
 
 
 def render(row, decoded, tokenizer):
-    """The canvas of one sample: decoded runs as text, each position still masked as MASK_GLYPH."""
+    """The canvas of one sample: the runs of decoded positions as text, each other position as MASK_GLYPH."""
     text, i = [], 0
     while i < len(row):
         j = i
@@ -104,7 +104,7 @@ def main(argv=None):
             ("temperature", args.temperature >= 0, "must be at least 0 (0: greedy)"),
             ("top_p", 0 < args.top_p <= 1, "must be in (0, 1] (1: no nucleus filter)"),
             ("seed", args.seed >= 0, "must be at least 0"),
-            ("dtype", args.dtype in ("auto", "bfloat16", "float32"), "must be auto, bfloat16 or float32"),
+            ("dtype", args.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
             ("infill", not (args.prompt and args.infill), "give --prompt or --infill, not both")))
         model, ckpt = load_model(args.out_dir, args.init_from, device, args.ema)
         tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"] if ckpt else "gpt2")
@@ -121,13 +121,14 @@ def main(argv=None):
               f"contexts with at most about {trained_alpha0:.0%} clean tokens", file=sys.stderr)
     steps = args.steps or config.block_size
 
-    prompt, n_prompt = None, 0
+    prompt, ids = None, []
     if args.prompt or args.infill:
         ids = encode_template(args.infill, tokenizer, model.mask_id) if args.infill else tokenizer.encode(args.prompt)
         if len(ids) > config.block_size:
             flag = "--infill" if args.infill else "--prompt"
             die(f"{flag}: {len(ids)} tokens, more than block_size={config.block_size}")
-        prompt, n_prompt = torch.tensor(ids, dtype=torch.long, device=device), len(ids)
+        prompt = torch.tensor(ids, dtype=torch.long, device=device)
+    generated = [i >= len(ids) or ids[i] == model.mask_id for i in range(config.block_size)]  # not given
 
     nfe = 0
 
@@ -158,17 +159,18 @@ def main(argv=None):
         if args.show and first == 0:
             show(x[0].tolist(), call[0].tolist(), nfe, tokenizer)
         for i, row in enumerate(x.tolist()):
-            kept = cut_at_eot(row, n_prompt, tokenizer.eot_id) if args.cut_eot else row
+            kept = cut_at_eot(row, len(ids), tokenizer.eot_id) if args.cut_eot else row
             n_cut += len(kept) < len(row)
-            texts.append(tokenizer.decode(kept[n_prompt if args.prompt else 0:]))
+            texts.append(render(kept, generated, tokenizer))  # the given tokens drawn as glyphs: not words
             print(f"---------- sample {first + i + 1}\n{tokenizer.decode(kept)}")
         print(f"---------- batch of {n}: NFE {nfe}, {dt:.2f} s")
     if args.cut_eot:
         print(f"{n_cut} of {args.num_samples} samples cut at an end-of-text token (--no-cut_eot keeps them whole)")
     if ckpt and tokenizer.name == "bytes":
         from evaluate import corpus_word_rate, training_words
-        rate = corpus_word_rate(texts, training_words(ckpt["train_config"]["data_dir"], ckpt["train_config"]["dataset"]))
-        print(f"corpus word rate: {rate:.1%} of the samples' words occur in the training text")
+        vocabulary = training_words(ckpt["train_config"]["data_dir"], ckpt["train_config"]["dataset"])
+        print(f"corpus word rate: {corpus_word_rate(texts, vocabulary):.1%} of the samples' words (prompt excluded) "
+              "occur in the training text")
 
 
 if __name__ == "__main__":

@@ -551,3 +551,22 @@ def test_evaluate_reports_likelihoods_with_standard_errors(tiny_data, trained):
         assert "matplotlib is not installed" in p.stdout
     else:
         assert (trained / "curves.png").stat().st_size > 0 and (trained / "decoding.png").stat().st_size > 0
+
+
+def test_sample_and_evaluate_a_published_model_folder(tmp_path):
+    """--init_from with a folder in the paper's format (a tiny random one, written by test_esolm's helpers)."""
+    try:
+        get_tokenizer("gpt2")
+    except DataError as e:
+        pytest.skip(f"the published models use GPT-2 tokens, and tiktoken's r50k_base BPE is not available: {e}")
+    from test_esolm import official_state_dict, save_official
+    folder = save_official(tmp_path / "published", official_state_dict(),
+                           {"mask_index": 11, "vocab_size": 12, "n_heads": 2, "model_length": 16})
+    p = run("sample.py", f"--init_from={folder}", "--alpha0=1", "--steps=4", "--num_samples=2",
+            "--prompt=!#", cwd=tmp_path)  # GPT-2 ids 0 and 2: inside the tiny model's 11 tokens
+    assert p.stdout.startswith(f"{folder}, variant B, L = 16;") and p.stdout.count("---------- sample") == 2
+    assert "corpus word rate" not in p.stdout  # GPT-2 tokens: the rate is for byte-level data only
+    p = run("sample.py", f"--init_from={folder}", cwd=tmp_path, ok=False)
+    assert "--alpha0: needed for" in p.stderr and "Traceback" not in p.stderr
+    p = run("sample.py", f"--init_from={tmp_path / 'nowhere'}", "--alpha0=1", cwd=tmp_path, ok=False)
+    assert p.stderr.startswith("sample.py: --init_from=") and "Traceback" not in p.stderr

@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from esolm import (CHECKPOINT_FORMAT, H100_BF16_FLOPS, LOSS_TYPES, EsoLM, EsoLMConfig, autocast, load_checkpoint,
-                   resolve_device)
+from esolm import (CHECKPOINT_FORMAT, DTYPES, H100_BF16_FLOPS, LOSS_TYPES, EsoLM, EsoLMConfig, autocast,
+                   load_checkpoint, resolve_device)
 
 
 def setting(default, help):
@@ -85,7 +85,7 @@ class TrainConfig:
             if f.type is float:
                 need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
         for key, allowed in (("init_from", ("scratch", "resume")), ("loss_type", LOSS_TYPES),
-                             ("lr_schedule", ("cosine", "constant")), ("dtype", ("auto", "bfloat16", "float32"))):
+                             ("lr_schedule", ("cosine", "constant")), ("dtype", DTYPES)):
             need(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")
         need(self.dataset and "/" not in self.dataset, "dataset", "must be the name of a folder in data_dir")
         need(0 <= self.alpha0 <= 1, "alpha0", "must be in [0, 1] (0: pure AR, 1: pure MDM)")

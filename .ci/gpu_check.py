@@ -90,7 +90,8 @@ if "tests" not in args.skip:
         results["tests"]["summary"] = output.strip().splitlines()[-1]
 
 if "train" not in args.skip:
-    common = [f"--max_iters={args.iters}", f"--eval_interval={args.iters}", "--eval_iters=10", "--log_interval=25"]
+    common = [f"--max_iters={args.iters}", f"--eval_interval={args.iters}", "--eval_iters=10",
+              f"--log_interval={min(25, args.iters // 2)}"]
     for name, extra in (("train_eager", []), ("train_compiled", ["--compile=True"])):
         run_dir = os.path.join(out, name)
         if run(name, [py, "train.py", "--alpha0=0.25", f"--out_dir={run_dir}", *common, *extra]) is not None:
