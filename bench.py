@@ -1,7 +1,7 @@
 """
 Speed of the sampler and of the training step, side by side, in one process.
 
-    python bench.py                       # CPU: sampling and training at L = 256, about 6 minutes on 2 cores
+    python bench.py                       # CPU: sampling and training at L = 256, about 4 minutes on 2 cores
     python bench.py --lengths             # the paper's speed table: sampling time against L (CPU: 256 .. 2048)
     python bench.py --device=cuda         # bf16, 12 x 768, GPT-2 vocabulary, L = 1024, plus training MFU
     python bench.py --device=cuda --lengths              # L = 1024 .. 8192

@@ -711,7 +711,7 @@ def load_model(out_dir, init_from="", device="cpu", ema=True):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading the paper's published checkpoints (see README, "The paper's checkpoints")
+# Loading the paper's published checkpoints (see README, "Use the paper's checkpoints")
 #
 # The authors' network is a DiT: after each LayerNorm comes adaLN, h * (1 + scale) + shift, and each residual
 # branch is multiplied by a gate, all computed from c = silu(sigma_map(sigma)). Eso-LMs always run at sigma = 0

@@ -117,21 +117,22 @@ def plot_decoding(model, png, alpha0s=(1.0, 0.25, 0.0), seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (and log.jsonl)")
-    p.add_argument("--init_from", default="", help="a published model instead: hub id or folder")
-    p.add_argument("--alpha0", type=float, default=None, help="default: the value the model trained with")
-    p.add_argument("--data_dir", default=None, help="default: the checkpoint's")
-    p.add_argument("--dataset", default=None, help="default: the checkpoint's")
-    p.add_argument("--windows", type=int, default=128, help="held-out windows of L tokens")
-    p.add_argument("--orders", type=int, nargs="*", default=[1, 16], help="K values for the exact likelihood")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="the noise and orders: the same for every model")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights if saved")
-    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="curves.png, decoding.png")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (and log.jsonl)")
+    parser.add_argument("--init_from", default="", help="a published model instead: hub id or folder")
+    parser.add_argument("--alpha0", type=float, default=None, help="default: the value the model trained with")
+    parser.add_argument("--data_dir", default=None, help="default: the checkpoint's")
+    parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
+    parser.add_argument("--windows", type=int, default=128, help="held-out windows of L tokens")
+    parser.add_argument("--orders", type=int, nargs="*", default=[1, 16], help="K values for the exact likelihood")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="the noise and orders: the same for every model")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA weights if saved")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="curves.png, decoding.png")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto")
+    args = parser.parse_args(argv)
 
     def die(msg):
         raise SystemExit(f"evaluate.py: {msg}")

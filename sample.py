@@ -8,7 +8,7 @@ Sample from a checkpoint written by train.py, or from one of the paper's publish
     python sample.py --out_dir=out --infill="**ROMEO**
 [[60]]
 **JULIET**"                                                       # [[n]]: n tokens to generate there
-    python sample.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-0_25 --prompt="The" --steps=1024
+    python sample.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-0_25 --alpha0=0.25 --prompt="The"
 
 Positions after the prompt or template are generated too. Each sample is cut at its first end-of-text token after
 the prompt (--no-cut_eot keeps the whole canvas). Each batch prints its number of network calls (NFE) and wall
@@ -70,27 +70,28 @@ def show(row, call, nfe, tokenizer):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
-    p.add_argument("--init_from", default="", help="a published model instead: hub id or folder (GPT-2 tokens)")
-    p.add_argument("--num_samples", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=0, help="samples per call of generate (0: all at once)")
-    p.add_argument("--alpha0", type=float, default=None, help="default: the value the model trained with")
-    p.add_argument("--steps", type=int, default=0, help="diffusion steps T (0: block_size)")
-    p.add_argument("--temperature", type=float, default=0.8, help="as nanoGPT's sample.py; 1: the model's own")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling, as the paper's samples; 1: off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--infill", default="", help="template: text with [[n]] where n tokens are to be generated")
-    p.add_argument("--show", action="store_true", help="watch sample 1 decode: the canvas after each network call")
-    p.add_argument("--cut_eot", action=argparse.BooleanOptionalAction, default=True,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
+    parser.add_argument("--init_from", default="", help="a published model instead: hub id or folder (GPT-2 tokens)")
+    parser.add_argument("--num_samples", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=0, help="samples per call of generate (0: all at once)")
+    parser.add_argument("--alpha0", type=float, default=None, help="default: the value the model trained with")
+    parser.add_argument("--steps", type=int, default=0, help="diffusion steps T (0: block_size)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="as nanoGPT's sample.py; 1: the model's own")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling, as the paper's samples; 1: off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--infill", default="", help="template: text with [[n]] where n tokens are to be generated")
+    parser.add_argument("--show", action="store_true", help="watch sample 1 decode: the canvas after each network call")
+    parser.add_argument("--cut_eot", action=argparse.BooleanOptionalAction, default=True,
                    help="cut each sample at its first end-of-text token after the prompt")
-    p.add_argument("--kv_cache", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action="store_true", help="torch.compile the cached calls")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights if saved")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it), bfloat16 or float32")
-    args = p.parse_args(argv)
+    parser.add_argument("--kv_cache", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the cached calls")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA weights if saved")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it), bfloat16 or float32")
+    args = parser.parse_args(argv)
 
     def die(msg):
         raise SystemExit(f"sample.py: {msg}")
