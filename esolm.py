@@ -644,19 +644,24 @@ def resolve_device(name="auto"):
     return name
 
 
+DTYPES = ("auto", "bfloat16", "float32")  # the --dtype of every script
+SHARED_RULES = (  # settings that several scripts have, checked wherever a script has them
+    ("alpha0", lambda a: a is None or 0 <= a <= 1, "must be in [0, 1] (0: pure AR, 1: pure MDM)"),
+    ("seed", lambda s: s >= 0, "must be at least 0"),
+    ("dtype", lambda d: d in DTYPES, f"must be one of {', '.join(DTYPES)}"))
+
+
 def check_args(args, rules):
     """A script's settings against their domains, before any work: rules are (key, ok, what is allowed), and the
     first one that is not ok is a ValueError "--key=value: what is allowed". Returns the device (resolve_device)."""
-    for key, ok, rule in rules:
+    shared = [(key, ok(getattr(args, key)), rule) for key, ok, rule in SHARED_RULES if hasattr(args, key)]
+    for key, ok, rule in [*shared, *rules]:
         if not ok:
             raise ValueError(f"--{key}={getattr(args, key)}: {rule}")
     try:
         return resolve_device(getattr(args, "device", "auto"))
     except ValueError as e:
         raise ValueError(f"--device={args.device}: {e}") from None
-
-
-DTYPES = ("auto", "bfloat16", "float32")  # the --dtype of every script
 
 
 def autocast(device, dtype="auto"):

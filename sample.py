@@ -23,7 +23,7 @@ import time
 import torch
 
 import prepare_data
-from esolm import DTYPES, autocast, check_args, load_model
+from esolm import autocast, check_args, load_model
 
 MASK_GLYPH = "\u2591"  # how --show draws a position that is still masked
 
@@ -69,6 +69,10 @@ def show(row, call, nfe, tokenizer):
             print(head + "\n" + canvas)
 
 
+def die(msg):
+    raise SystemExit(f"sample.py: {msg}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
@@ -84,7 +88,7 @@ def main(argv=None):
     parser.add_argument("--infill", default="", help="template: text with [[n]] where n tokens are to be generated")
     parser.add_argument("--show", action="store_true", help="watch sample 1 decode: the canvas after each network call")
     parser.add_argument("--cut_eot", action=argparse.BooleanOptionalAction, default=True,
-                   help="cut each sample at its first end-of-text token after the prompt")
+                        help="cut each sample at its first end-of-text token after the prompt")
     parser.add_argument("--kv_cache", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action="store_true", help="torch.compile the cached calls")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -92,20 +96,13 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it), bfloat16 or float32")
     args = parser.parse_args(argv)
-
-    def die(msg):
-        raise SystemExit(f"sample.py: {msg}")
-
     try:  # every setting is checked here, before the model is read
         device = check_args(args, (
             ("num_samples", args.num_samples >= 1, "must be at least 1"),
             ("batch_size", args.batch_size >= 0, "must be at least 1, or 0 for all samples at once"),
-            ("alpha0", args.alpha0 is None or 0 <= args.alpha0 <= 1, "must be in [0, 1]"),
             ("steps", args.steps >= 0, "must be at least 1, or 0 for block_size"),
             ("temperature", args.temperature >= 0, "must be at least 0 (0: greedy)"),
             ("top_p", 0 < args.top_p <= 1, "must be in (0, 1] (1: no nucleus filter)"),
-            ("seed", args.seed >= 0, "must be at least 0"),
-            ("dtype", args.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
             ("infill", not (args.prompt and args.infill), "give --prompt or --infill, not both")))
         model, ckpt = load_model(args.out_dir, args.init_from, device, args.ema)
         tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"] if ckpt else "gpt2")
