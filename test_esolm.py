@@ -583,29 +583,30 @@ def write_safetensors(path, tensors):
         f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
 
 
-def official_state_dict(n_layer=2, n_head=2, cond=8, seed=0):
-    """A tiny DiT state_dict with the official keys and random values everywhere (the official code starts the adaLN
-    layers and the output layer at zero, which would hide a wrong fold). The sin(t * freq) half of sigma_map's input
-    stays in its nn.Linear init range, as in any model without time conditioning."""
+def official_state_dict(n_layer=2, n_head=2, cond=8, seed=0, V=OV, C=OC):
+    """A DiT state_dict with the official keys and random values everywhere (the official code starts the adaLN
+    layers and the output layer at zero, which would hide a wrong fold); tiny by default, V tokens plus the mask and
+    width C. The sin(t * freq) half of sigma_map's input stays in its nn.Linear init range, as in any model without
+    time conditioning."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, std=0.4):
         return torch.randn(shape, generator=g) * std
 
-    hs = OC // n_head
-    sd = {"vocab_embed.embedding": r(OV + 1, OC, std=1.0),
+    hs = C // n_head
+    sd = {"vocab_embed.embedding": r(V + 1, C, std=1.0),
           "sigma_map.mlp.0.weight": torch.cat([r(cond, 128), (torch.rand(cond, 128, generator=g) * 2 - 1) / 16], 1),
           "sigma_map.mlp.0.bias": r(cond), "sigma_map.mlp.2.weight": r(cond, cond), "sigma_map.mlp.2.bias": r(cond),
           "rotary_emb.inv_freq": 1.0 / (10000 ** (torch.arange(0, hs, 2).float() / hs))}
     for i in range(n_layer):
-        sd |= {f"blocks.{i}.norm1.weight": 1 + r(OC), f"blocks.{i}.attn_qkv.weight": r(3 * OC, OC),
-               f"blocks.{i}.attn_out.weight": r(OC, OC), f"blocks.{i}.norm2.weight": 1 + r(OC),
-               f"blocks.{i}.mlp.0.weight": r(4 * OC, OC), f"blocks.{i}.mlp.0.bias": r(4 * OC),
-               f"blocks.{i}.mlp.2.weight": r(OC, 4 * OC, std=0.2), f"blocks.{i}.mlp.2.bias": r(OC),
-               f"blocks.{i}.adaLN_modulation.weight": r(6 * OC, cond), f"blocks.{i}.adaLN_modulation.bias": r(6 * OC)}
-    return sd | {"output_layer.norm_final.weight": 1 + r(OC), "output_layer.linear.weight": r(OV + 1, OC),
-                 "output_layer.linear.bias": r(OV + 1), "output_layer.adaLN_modulation.weight": r(2 * OC, cond),
-                 "output_layer.adaLN_modulation.bias": r(2 * OC)}
+        sd |= {f"blocks.{i}.norm1.weight": 1 + r(C), f"blocks.{i}.attn_qkv.weight": r(3 * C, C),
+               f"blocks.{i}.attn_out.weight": r(C, C), f"blocks.{i}.norm2.weight": 1 + r(C),
+               f"blocks.{i}.mlp.0.weight": r(4 * C, C), f"blocks.{i}.mlp.0.bias": r(4 * C),
+               f"blocks.{i}.mlp.2.weight": r(C, 4 * C, std=0.2), f"blocks.{i}.mlp.2.bias": r(C),
+               f"blocks.{i}.adaLN_modulation.weight": r(6 * C, cond), f"blocks.{i}.adaLN_modulation.bias": r(6 * C)}
+    return sd | {"output_layer.norm_final.weight": 1 + r(C), "output_layer.linear.weight": r(V + 1, C),
+                 "output_layer.linear.bias": r(V + 1), "output_layer.adaLN_modulation.weight": r(2 * C, cond),
+                 "output_layer.adaLN_modulation.bias": r(2 * C)}
 
 
 def save_official(folder, sd, meta=None):

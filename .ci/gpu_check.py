@@ -11,7 +11,9 @@ and nothing else from outside. Steps, each one logged to <out>/log.txt, all resu
 3. sample.py from the eager run's checkpoint in float32: the cached sampler and --no-kv_cache must print the same
    samples; NFE and seconds of each;
 4. bench.py --device=cuda (12 x 768, GPT-2 vocabulary, bf16): cached vs uncached vs AR at L = 1024 and 2048
-   (--lengths 1024 2048 4096 8192 for the paper's whole table), and the training step's MFU at L = 1024.
+   (--lengths 1024 2048 4096 8192 for the paper's whole table), and the training step's MFU at L = 1024;
+5. the paper's network through the published-checkpoint loader: a random checkpoint in the authors' format at the
+   published size (12 x 768, GPT-2 vocabulary; the real weights need the hub), then bench.py --init_from at L = 1024.
 A step that fails is recorded with the end of its output, and the check goes on with the next.
 """
 import argparse
@@ -29,7 +31,7 @@ parser.add_argument("--iters", type=int, default=300, help="training iterations 
 parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048],
                     help="L of the bench's speed table (the paper's table also has 4096 and 8192: minutes more)")
 parser.add_argument("--step_timeout", type=int, default=900, help="seconds after which a step is stopped and failed")
-parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "train", "sample", "bench"])
+parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "train", "sample", "bench", "official"])
 parser.add_argument("--smoke", action="store_true", help="a dry run of this script: tiny sizes, the CPU if no GPU")
 args = parser.parse_args()
 if args.smoke:
@@ -127,6 +129,20 @@ if "bench" not in args.skip:
         if os.path.exists(path):
             with open(path) as f:
                 results[name]["results"] = {k: v for k, v in json.load(f).items() if k in ("lengths", "training")}
+if "official" not in args.skip:
+    sys.path.insert(0, ROOT)
+    from test_esolm import official_state_dict, save_official  # the tests' writer of the authors' format
+    V, size = (256, dict(n_layer=1, n_head=2, C=32)) if args.smoke else (50257, dict(n_layer=12, n_head=12, C=768))
+    folder = os.path.join(out, "official")
+    save_official(folder, official_state_dict(V=V, cond=128, **size),
+                  {"mask_index": V, "vocab_size": V + 1, "n_blocks": size["n_layer"], "n_heads": size["n_head"],
+                   "model_length": 1024})
+    bench_json = os.path.join(out, "bench_official.json")
+    if run("bench_official", [py, "bench.py", f"--device={device}", f"--init_from={folder}", "--lengths",
+                              "64" if args.smoke else "1024", "--repeats=1", "--skip_training",
+                              f"--json={bench_json}"]) is not None:
+        with open(bench_json) as f:
+            results["bench_official"]["results"] = json.load(f)["lengths"]
 results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
 save()
 print(f"wrote {out}/gpu_check.json and log.txt")
