@@ -353,6 +353,33 @@ def test_resume_repeats_the_uninterrupted_run(tiny_data):
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra, rb)
 
 
+def test_fine_tune_a_published_model(tiny_data, tmp_path):
+    """--init_from=<a folder in the paper's format>: the run starts from its folded weights, keeps its shape, biases
+    and tanh GELU (L may change), and its checkpoint resumes and samples like any other."""
+    from test_esolm import official_state_dict, save_official
+    folder = save_official(tmp_path / "published", official_state_dict(n_layer=1, V=256),
+                           {"mask_index": 256, "vocab_size": 257, "n_blocks": 1, "n_heads": 2, "model_length": 32})
+    out = tmp_path / "out"
+    common = ["--dataset=tiny", f"--out_dir={out}", "--block_size=16", "--batch_size=4", "--eval_iters=1",
+              "--eval_interval=2", "--device=cpu"]
+    run("train.py", f"--init_from={folder}", "--max_iters=0", *common, cwd=tiny_data)  # evaluates and saves only
+    start = torch.load(out / "ckpt.pt", weights_only=True)
+    published = EsoLM.from_pretrained(folder, block_size=16).state_dict()
+    assert start["model"].keys() == published.keys()
+    assert all(torch.equal(start["model"][k], published[k]) for k in published)
+    assert {k: start["model_config"][k] for k in ("n_layer", "n_embd", "block_size", "bias", "gelu")} == \
+        {"n_layer": 1, "n_embd": 32, "block_size": 16, "bias": True, "gelu": "tanh"}
+    run("train.py", "--init_from=resume", "--max_iters=2", *common, cwd=tiny_data)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--steps=2", cwd=tiny_data)
+    assert p.stdout.count("---------- sample") == 1
+    p = run("train.py", f"--init_from={folder}", "--n_layer=2", *common, cwd=tiny_data, ok=False)
+    assert f"--n_layer=2: differs from {folder}'s 1" in p.stderr and "Traceback" not in p.stderr
+    small = save_official(tmp_path / "small_vocab", official_state_dict(n_layer=1))  # 11 tokens, not bytes
+    p = run("train.py", f"--init_from={small}", *common, cwd=tiny_data, ok=False)
+    assert "the model's vocab_size 11 differs from tiny's 256" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_ddp_two_processes_on_cpu(tiny_data):
     out = tiny_data / "out_ddp"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -4,6 +4,7 @@ Train an Eso-LM on token shards made by prepare_data.py: one GPU, several (torch
     python train.py --alpha0=0.25                  # built-in Shakespeare; without a GPU, a CPU-sized preset
     python train.py --help                         # every setting, its default and what it does
     python train.py --init_from=resume             # continue the run in --out_dir
+    python train.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-0_25 --dataset=owt --alpha0=0.25   # fine-tune
     torchrun --standalone --nproc_per_node=4 train.py --alpha0=0.25 --gradient_accumulation_steps=4
 
 Settings are the fields of TrainConfig below, overridden with --key=value (values parsed as Python literals).
@@ -13,6 +14,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -38,7 +40,8 @@ class TrainConfig:
     dataset: str = setting("shakespeare", "folder of data_dir written by prepare_data.py; the default builds itself")
     data_dir: str = setting("data", "where the datasets are")
     out_dir: str = setting("out", "ckpt.pt and log.jsonl go here")
-    init_from: str = setting("scratch", '"scratch" or "resume" (from out_dir/ckpt.pt; the model\'s shape too)')
+    init_from: str = setting("scratch", '"scratch", "resume" (from out_dir/ckpt.pt; the model\'s shape too), or a '
+                             "published model to fine-tune: a hub id (owner/name) or a folder, GPT-2 data")
     # the method
     alpha0: float = setting(0.25, "fraction of tokens the diffusion phase unmasks: 1 = pure MDM, 0 = pure AR")
     batch_split: float = setting(0.5, "fraction of each batch that estimates the MDM term, the rest the AR term")
@@ -84,7 +87,9 @@ class TrainConfig:
         for f in fields(self):
             if f.type is float:
                 need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
-        for key, allowed in (("init_from", ("scratch", "resume")), ("loss_type", LOSS_TYPES),
+        need(self.init_from in ("scratch", "resume") or published(self.init_from), "init_from",
+             'must be "scratch", "resume", or a published model: a hub id owner/name or a folder')
+        for key, allowed in (("loss_type", LOSS_TYPES),
                              ("lr_schedule", ("cosine", "constant")), ("dtype", DTYPES)):
             need(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")
         need(self.dataset and "/" not in self.dataset, "dataset", "must be the name of a folder in data_dir")
@@ -122,6 +127,11 @@ class TrainConfig:
 
 
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "variant")  # a resumed run takes these from its checkpoint
+
+
+def published(init_from):
+    """Whether --init_from names a published model (EsoLM.from_pretrained): a folder, or a hub id owner/name."""
+    return os.path.isdir(init_from) or re.fullmatch(r"[\w.-]+/[\w.-]+", init_from) is not None
 
 # Without a GPU these replace the defaults above (settings given on the command line still win): sized so that
 # `python train.py --alpha0=0.25` trains in under 6 minutes on 2 CPU cores. On a CPU, many small steps learn more
@@ -171,23 +181,33 @@ def parse_overrides(argv):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# settings, built once: defaults, the CPU preset when no GPU will be used, a resumed run's model shape, the
-# command line; then validated (TrainConfig.__post_init__), before anything is read or written
+# settings, built once: defaults, the CPU preset when no GPU will be used, the model shape of a resumed run or a
+# published model, the command line; then validated (TrainConfig.__post_init__), before anything is read or written
 
 overrides = parse_overrides(sys.argv[1:])
 on_gpu = torch.cuda.is_available() and overrides.get("device", "auto") != "cpu"
-resumed = {}
-if overrides.get("init_from") == "resume":
+init_from = overrides.get("init_from", TrainConfig.init_from)
+start, pretrained = {}, None  # the model config the run starts from (a checkpoint's or a published model's)
+if init_from == "resume":
     try:
         ckpt = load_checkpoint(os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "ckpt.pt"))
     except ValueError as e:
         die(f"--init_from=resume: {e}")
-    resumed = {k: ckpt["model_config"][k] for k in MODEL_KEYS}
-    for k in MODEL_KEYS:
-        if k in overrides and overrides[k] != resumed[k]:
-            die(f"--{k}={overrides[k]}: differs from the checkpoint's {resumed[k]} (a resumed model keeps its shape)")
+    start = ckpt["model_config"]
+elif init_from != "scratch" and published(init_from):
+    try:
+        pretrained = EsoLM.from_pretrained(init_from)
+    except (ValueError, OSError) as e:  # OSError: a failed download
+        die(f"--init_from={init_from}: {e}")
+    start = asdict(pretrained.config)
+resuming = init_from == "resume"
+shape = {k: start[k] for k in MODEL_KEYS if k in start}
+for k in MODEL_KEYS[pretrained is not None:]:  # a published model may train at another L (RoPE has no limit)
+    if k in overrides and k in shape and overrides[k] != shape[k]:
+        die(f"--{k}={overrides[k]}: differs from {'the checkpoint' if resuming else init_from}'s {shape[k]} (the "
+            "model keeps its shape)")
 try:
-    cfg = TrainConfig(**{**({} if on_gpu else CPU_PRESET), **resumed, **overrides})
+    cfg = TrainConfig(**{**({} if on_gpu else CPU_PRESET), **shape, **overrides})
 except ValueError as e:
     die(e)
 
@@ -264,20 +284,25 @@ def get_batch(split, rng):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# model, resumed from out_dir/ckpt.pt if asked
+# model: new, resumed from out_dir/ckpt.pt, or a published model to fine-tune
 
-if resumed and ckpt["model_config"]["vocab_size"] != meta["vocab_size"]:
-    die(f"the checkpoint's vocab_size {ckpt['model_config']['vocab_size']} differs from {cfg.dataset}'s "
-        f"{meta['vocab_size']}")
-model_config = EsoLMConfig(**cfg.model_args(meta["vocab_size"]))
+if start and start["vocab_size"] != meta["vocab_size"]:
+    hint = "" if resuming else " (published models need a dataset in GPT-2 tokens: prepare_data.py --tokenizer gpt2)"
+    die(f"--init_from={cfg.init_from}: the model's vocab_size {start['vocab_size']} differs from {cfg.dataset}'s "
+        f"{meta['vocab_size']}{hint}")
+options = {k: start[k] for k in ("bias", "gelu") if k in start}  # a published model's biases and tanh GELU
+model_config = EsoLMConfig(**cfg.model_args(meta["vocab_size"]), **options)
 torch.manual_seed(cfg.seed)
 model = EsoLM(model_config).to(device)
-if resumed:
+if pretrained is not None:
+    model.load_state_dict(pretrained.state_dict())
+    pretrained = None
+elif resuming:
     model.load_state_dict(ckpt["model"])
 ema_model = None
 if cfg.ema:
     ema_model = EsoLM(model_config).to(device).eval().requires_grad_(False)
-    ema_model.load_state_dict(ckpt["ema"] if resumed and ckpt["ema"] else model.state_dict())
+    ema_model.load_state_dict(ckpt["ema"] if resuming and ckpt["ema"] else model.state_dict())
 if master:
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, "
           f"variant {model_config.variant}")
@@ -289,11 +314,11 @@ params = [p for p in model.parameters() if p.requires_grad]
 groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
           {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
-if resumed:
+if resuming:
     optimizer.load_state_dict(ckpt["optimizer"])
-iter_num = ckpt["iter_num"] if resumed else 0
-resumed_at = iter_num if resumed else None  # the checkpoint was evaluated when it was saved
-best_val = ckpt["best_val_loss"] if resumed else math.inf
+iter_num = ckpt["iter_num"] if resuming else 0
+resumed_at = iter_num if resuming else None  # the checkpoint was evaluated when it was saved
+best_val = ckpt["best_val_loss"] if resuming else math.inf
 ckpt = None  # free the memory
 
 # -----------------------------------------------------------------------------------------------------------
