@@ -756,7 +756,7 @@ def download(repo, file):
                         repo.replace("/", "--"), file)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        url, part = HUB_URL.format(repo=repo, file=file), path + ".part"
+        url, part = HUB_URL.format(repo=repo, file=file), f"{path}.{os.getpid()}.part"  # one per process (torchrun)
         try:
             with (urllib.request.urlopen(url) as r, open(part, "wb") as f,
                   tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,

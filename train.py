@@ -187,8 +187,9 @@ def parse_overrides(argv):
 overrides = parse_overrides(sys.argv[1:])
 on_gpu = torch.cuda.is_available() and overrides.get("device", "auto") != "cpu"
 init_from = overrides.get("init_from", TrainConfig.init_from)
+resuming = init_from == "resume"
 start, pretrained = {}, None  # the model config the run starts from (a checkpoint's or a published model's)
-if init_from == "resume":
+if resuming:
     try:
         ckpt = load_checkpoint(os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "ckpt.pt"))
     except ValueError as e:
@@ -200,10 +201,9 @@ elif init_from != "scratch" and published(init_from):
     except (ValueError, OSError) as e:  # OSError: a failed download
         die(f"--init_from={init_from}: {e}")
     start = asdict(pretrained.config)
-resuming = init_from == "resume"
 shape = {k: start[k] for k in MODEL_KEYS if k in start}
-for k in MODEL_KEYS[pretrained is not None:]:  # a published model may train at another L (RoPE has no limit)
-    if k in overrides and k in shape and overrides[k] != shape[k]:
+for k in shape:  # the model keeps its shape; a published model may train at another L
+    if k in overrides and overrides[k] != shape[k] and (resuming or k != "block_size"):
         die(f"--{k}={overrides[k]}: differs from {'the checkpoint' if resuming else init_from}'s {shape[k]} (the "
             "model keeps its shape)")
 try:
