@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from esolm import autocast, load_checkpoint, model_from_checkpoint, resolve_device
+from esolm import autocast, load_model, resolve_device
 from evaluate import corpus_word_rate, held_out_windows, mean_se, per_token, training_words
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,8 +67,7 @@ def train(alpha0):
 
 
 def load(alpha0):
-    ckpt = load_checkpoint(os.path.join(run_dir(alpha0), "ckpt.pt"))
-    return model_from_checkpoint(ckpt, device), ckpt
+    return load_model(run_dir(alpha0), device=device)  # (model with its EMA weights if saved, checkpoint)
 
 
 def unigram_entropy(row):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import prepare_data
 from esolm import (CHECKPOINT_FORMAT, DTYPES, H100_BF16_FLOPS, LOSS_TYPES, EsoLM, EsoLMConfig, autocast,
-                   load_checkpoint, resolve_device)
+                   load_checkpoint, load_model, resolve_device)
 
 
 def setting(default, help):
@@ -197,9 +197,9 @@ if resuming:
     start = ckpt["model_config"]
 elif init_from != "scratch" and published(init_from):
     try:
-        pretrained = EsoLM.from_pretrained(init_from)
-    except (ValueError, OSError) as e:  # OSError: a failed download
-        die(f"--init_from={init_from}: {e}")
+        pretrained, _ = load_model("", init_from)
+    except ValueError as e:
+        die(e)
     start = asdict(pretrained.config)
 shape = {k: start[k] for k in MODEL_KEYS if k in start}
 for k in shape:  # the model keeps its shape; a published model may train at another L
