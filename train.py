@@ -337,7 +337,9 @@ class Objective(torch.nn.Module):
 
 
 if cfg.compile:
-    model.compile()  # compiles the transformer forward; the loss's sampling of masks and orders stays eager
+    # the transformer forward (the loss's draws of masks and orders stay eager), with dynamic shapes: the AR term's
+    # length changes with every draw of z0, and static graphs recompile for each new one until torch gives up
+    model.compile(dynamic=True)
 objective = Objective(model)
 if ddp:
     objective = DDP(objective, device_ids=[local_rank] if device_type == "cuda" else None)
