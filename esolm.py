@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 EPS = 1e-3  # alpha_1 = alpha0 * EPS: the log-linear schedule never masks with probability exactly 1 (§3)
@@ -395,6 +396,13 @@ def _check_alpha0(alpha0):
 # ----------------------------------------------------------------------------------------------------------
 # The Eso-LM: the backbone plus its two training forwards, the NELBO and the sampler
 
+# The attention kernels of the sampler: any but cuDNN's. On Hopper GPUs torch prefers cuDNN attention in bf16,
+# and cuDNN builds an execution plan for each new shape of q, k and v (tens of ms of host time). The cached
+# sampler's keys grow at every call, so each call would build one: measured on an H200 in bf16 (12 x 768,
+# L = 1024), the cached sampler ran 9x *slower* than the uncached one, whose shapes never change (BENCHMARKS.md).
+SAMPLER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class EsoLM(Transformer):
 
     def diffusion_forward(self, zs, order, prefix):
@@ -544,8 +552,9 @@ class EsoLM(Transformer):
         was_training = self.training
         self.eval()  # dropout off: the cached and reference paths must compute the same function
         try:
-            x, logits, calls = self._generate(num_samples, alpha0, steps, temperature, top_p, prompt, kv_cache,
-                                              generator, compile, return_logits)
+            with sdpa_kernel(SAMPLER_ATTENTION):
+                x, logits, calls = self._generate(num_samples, alpha0, steps, temperature, top_p, prompt, kv_cache,
+                                                  generator, compile, return_logits)
         finally:
             self.train(was_training)
         return (x, *([logits] if return_logits else []), *([calls] if return_calls else [])) \
