@@ -144,9 +144,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask, cache=None, start=0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, hs = self.n_head, C // self.n_head
+        qk, v = self.c_attn(x).split([2 * C, C], dim=2)
+        # q and k rotated together, as 2 nh heads: 35 ops a layer instead of 44 (a cached call is bound by op count)
+        q, k = apply_rope(qk.view(B, T, 2 * nh, hs).transpose(1, 2), cos, sin).split(nh, dim=1)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nh, start+T, hs)
         if isinstance(attn_mask, tuple):
