@@ -145,6 +145,8 @@ if args.lengths:
         for model in models.values():  # warm-up: a few calls of each path
             uncached_calls(model, 4)()
             sampler(model, 1.0, L, prompt=torch.zeros(L - 8, dtype=torch.long, device=device))()
+        for fn in cases.values() if args.compile else ():  # compiled: a whole run, so that no timed run compiles
+            fn()
         secs, nfe = median_times(cases)
         row = {"L": L, "nfe": nfe["(b) Eso-LM (B)"], "nfe_ar": nfe["(c) AR"], "nfe_A": nfe["Eso-LM (A) a0=0.25"],
                "b": secs["(b) Eso-LM (B)"], "c": secs["(c) AR"], "A": secs["Eso-LM (A) a0=0.25"]}

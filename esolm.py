@@ -117,16 +117,13 @@ class KVCache:
     n_cached), and the next call overwrites the rest (§6.3). (A) rewrites its whole clean block at every call of
     its diffusion phase."""
 
-    def __init__(self, size):
-        self.size = size  # L slots: the sequence never holds more tokens
-        self.k = self.v = None
+    def __init__(self, B, n_head, size, head_size, dtype, device):
+        # size = L slots: the sequence never holds more tokens. dtype: the compute dtype (autocast's when it is on)
+        self.k = torch.empty(B, n_head, size, head_size, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
 
     def update(self, start, k, v):
         """Write the chunk (B, nh, T, hs) at slots [start, start+T); return the keys/values of slots [0, start+T)."""
-        if self.k is None:  # allocated on first use, so it takes the dtype of autocast if one is active
-            B, nh, _, hs = k.shape
-            self.k = k.new_empty(B, nh, self.size, hs)
-            self.v = torch.empty_like(self.k)
         T = k.size(2)
         self.k[:, :, start:start + T] = k
         self.v[:, :, start:start + T] = v
@@ -572,9 +569,10 @@ class EsoLM(Transformer):
         zs = z.gather(1, order)  # sorted: the given tokens, then the masks in generation order
         d = L - n_gen  # tokens decoded so far, the given ones included: zs[:, :d] is clean
         c_switch = L - n_seq  # clean tokens when the sequential phase starts
-        caches = [KVCache(L) for _ in self.blocks] if kv_cache else None
+        nh, dtype = self.config.n_head, self.compute_dtype()
+        caches = [KVCache(B, nh, L, self.config.n_embd // nh, dtype, dev) for _ in self.blocks] if kv_cache else None
         i = torch.arange(L, device=dev)
-        causal = additive_mask(visible(i, i, 0), self.compute_dtype())  # (L, L), built once: each call takes a slice
+        causal = additive_mask(visible(i, i, 0), dtype)  # (L, L), built once: each call takes a slice
         net = torch.compile(self, dynamic=True) if compile else self
         n_cached = 0  # cache slots [0, n_cached) hold keys/values that the coming calls can reuse as they are
         logits_per_call = []
@@ -592,8 +590,10 @@ class EsoLM(Transformer):
                 if prefix <= n_cached:  # each fed token sees every cached key and the fed ones up to itself
                     mask = causal[n_cached:d + k, :d + k]
                 else:  # (A) before its block is cached: the block is fed whole and sees itself both ways
-                    mask = visible(i[n_cached:d + k], i[:d + k], prefix)
-                h = net(zs[:, n_cached:d + k], order[:, n_cached:d + k], mask, caches, n_cached)[:, d - n_cached:]
+                    mask = additive_mask(visible(i[n_cached:d + k], i[:d + k], prefix), dtype)
+                # contiguous copies: compiled, slices of larger tensors add stride guards and so graphs
+                fed = [t.contiguous() for t in (zs[:, n_cached:d + k], order[:, n_cached:d + k], mask)]
+                h = net(*fed, caches, n_cached)[:, d - n_cached:]
                 # keep the clean tokens' keys/values; the masks' slots get overwritten by the next call. (A)'s
                 # diffusion phase keeps none: its clean tokens see each other, so each new one changes them all
                 n_cached = d if self.config.variant == "B" or d >= c_switch else 0

@@ -113,14 +113,14 @@ def test_sampler_under_bf16_autocast(variant, device):
     update = KVCache.update
 
     def spy(self, start, k, v):
-        seen.append(self.k.dtype if self.k is not None else k.dtype)
+        seen.append((self.k.dtype, k.dtype))
         return update(self, start, k, v)
 
     with pytest.MonkeyPatch.context() as m, torch.autocast(device, dtype=torch.bfloat16):
         m.setattr(KVCache, "update", spy)
         x, logits = gen(model, 3, num_samples=4, alpha0=0.5, steps=4, prompt=prompt)
     _, reference = gen(model, 3, num_samples=4, alpha0=0.5, steps=4, prompt=prompt, kv_cache=False)  # float32
-    assert set(seen) == {torch.bfloat16}
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
     given = prompt != V
     assert ((x >= 0) & (x < V)).all() and torch.equal(x[:, given], prompt[given].expand(4, -1))
     # The first call sees the same tokens in both paths, so its logits differ only by bf16 rounding: bf16 keeps 8
@@ -162,6 +162,20 @@ def test_compiled_sampler_equals_uncached(variant):
     assert torch.equal(x1, x2)
     for a, b in zip(logits1, logits2):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_sampler_compiles_a_few_graphs():
+    """Every call of the compiled sampler has new shapes; with dynamic shapes a few graphs must serve them all:
+    the cache is allocated before the first call, masks are always additive, and the fed slices are contiguous
+    (each of these once added a graph; on a GPU box a graph takes ~30 s to compile)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = EsoLM(EsoLMConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=11))
+    for alpha0 in (1.0, 0.25):
+        model.generate(2, alpha0, 64, compile=True, generator=torch.Generator().manual_seed(0))
+    assert counters["stats"]["unique_graphs"] <= 4
 
 
 def test_sampler_keeps_cudnn_attention_off(monkeypatch):

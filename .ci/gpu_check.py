@@ -1,5 +1,5 @@
 """
-Check a GPU setup and measure it, sized for about 10 minutes on one H100/H200: one command, results in one folder.
+Check a GPU setup and measure it (10 minutes or more on one H100/H200): one command, results in one folder.
 
     python .ci/gpu_check.py --out=gpu_check          # from the repository root, with data/shakespeare prepared
 
@@ -16,8 +16,9 @@ and nothing else from outside. Steps, the most telling first, each logged to <ou
 5. bench.py's training step at L = 1024 (MFU);
 6. the paper's network through the published-checkpoint loader: a random checkpoint in the authors' format at the
    published size (12 x 768, GPT-2 vocabulary; the real weights need the hub), then bench.py --init_from at L = 1024;
-7. torchrun --standalone --nproc_per_node=1 (NCCL) for a few iterations, then train.py --compile=True (four graphs
-   to compile: minutes).
+7. torchrun --standalone --nproc_per_node=1 (NCCL) for a few iterations;
+8. the compiled paths (--skip compiled leaves them out): bench.py --compile at L = 1024 (the cached sampler's calls
+   through torch.compile: fewer, fused kernels per call) and train.py --compile=True (four graphs).
 A step that fails is recorded with the end of its output, and the check goes on with the next.
 """
 import argparse
@@ -35,7 +36,8 @@ parser.add_argument("--iters", type=int, default=300, help="training iterations 
 parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048],
                     help="L of the bench's speed table (the paper's table also has 4096 and 8192: minutes more)")
 parser.add_argument("--step_timeout", type=int, default=900, help="seconds after which a step is stopped and failed")
-parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "train", "sample", "bench", "official"])
+parser.add_argument("--skip", nargs="*", default=[],
+                    choices=["tests", "train", "sample", "bench", "official", "compiled"])
 parser.add_argument("--smoke", action="store_true", help="a dry run of this script: tiny sizes, the CPU if no GPU")
 args = parser.parse_args()
 if args.smoke:
@@ -176,10 +178,17 @@ if "official" not in args.skip:
         with open(bench_json) as f:
             results["bench_official"]["results"] = json.load(f)["lengths"]
 
-if "train" not in args.skip:  # last: compiling the four graphs of the training forward takes minutes on a GPU box
+if "train" not in args.skip:
     run("torchrun_nccl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
                           "--alpha0=0.25", f"--out_dir={os.path.join(out, 'train_ddp')}", "--max_iters=20",
                           "--eval_interval=20", "--eval_iters=2", "--log_interval=10"])
+
+if "compiled" not in args.skip:  # last: compiling takes minutes on a GPU box (about 30 s a graph on an H200's)
+    bench_json = os.path.join(out, "bench_compiled.json")
+    if run("bench_compiled", [py, "bench.py", f"--device={device}", "--lengths", "64" if args.smoke else "1024",
+                              "--repeats=1", "--skip_training", "--compile", *tiny, f"--json={bench_json}"]):
+        with open(bench_json) as f:
+            results["bench_compiled"]["results"] = json.load(f)["lengths"]
     run_dir = os.path.join(out, "train_compiled")
     if run("train_compiled", [py, "train.py", "--alpha0=0.25", f"--out_dir={run_dir}", *common,
                               "--compile=True"]) is not None:
