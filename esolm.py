@@ -591,8 +591,9 @@ class EsoLM(Transformer):
                     mask = causal[n_cached:d + k, :d + k]
                 else:  # (A) before its block is cached: the block is fed whole and sees itself both ways
                     mask = additive_mask(visible(i[n_cached:d + k], i[:d + k], prefix), dtype)
-                # contiguous copies: compiled, slices of larger tensors add stride guards and so graphs
-                fed = [t.contiguous() for t in (zs[:, n_cached:d + k], order[:, n_cached:d + k], mask)]
+                fed = (zs[:, n_cached:d + k], order[:, n_cached:d + k], mask)
+                if compile:  # contiguous copies: slices of larger tensors add stride guards, and so graphs
+                    fed = [t.contiguous() for t in fed]
                 h = net(*fed, caches, n_cached)[:, d - n_cached:]
                 # keep the clean tokens' keys/values; the masks' slots get overwritten by the next call. (A)'s
                 # diffusion phase keeps none: its clean tokens see each other, so each new one changes them all

@@ -11,13 +11,13 @@ and nothing else from outside. Steps, the most telling first, each logged to <ou
    (--lengths 1024 2048 4096 8192 for the paper's whole table); then the cached sampler's time per call with and
    without cuDNN attention (esolm.SAMPLER_ATTENTION keeps it off);
 3. train.py with the GPU defaults for --iters iterations: ms/iter, tokens/s, MFU, and whether the loss fell; then
-   again with TORCH_CUDNN_SDPA_PREFERRED=0 (does training pay for cuDNN's plan per shape too?);
+   again with TORCH_CUDNN_SDPA_PREFERRED=0 (does training pay for cuDNN's plan per shape too?); then torchrun
+   --standalone --nproc_per_node=1 (NCCL) for a few iterations;
 4. sample.py from that checkpoint in float32: the cached sampler and --no-kv_cache must print the same samples;
 5. bench.py's training step at L = 1024 (MFU);
 6. the paper's network through the published-checkpoint loader: a random checkpoint in the authors' format at the
    published size (12 x 768, GPT-2 vocabulary; the real weights need the hub), then bench.py --init_from at L = 1024;
-7. torchrun --standalone --nproc_per_node=1 (NCCL) for a few iterations;
-8. the compiled paths (--skip compiled leaves them out): bench.py --compile at L = 1024 (the cached sampler's calls
+7. the compiled paths (--skip compiled leaves them out): bench.py --compile at L = 1024 (the cached sampler's calls
    through torch.compile: fewer, fused kernels per call) and train.py --compile=True (four graphs).
 A step that fails is recorded with the end of its output, and the check goes on with the next.
 """
@@ -141,6 +141,9 @@ if "train" not in args.skip:
         run_dir = os.path.join(out, name)
         if run(name, [py, "train.py", "--alpha0=0.25", f"--out_dir={run_dir}", *common], env=env) is not None:
             results[name].update(training_log(run_dir))
+    run("torchrun_nccl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+                          "--alpha0=0.25", f"--out_dir={os.path.join(out, 'train_ddp')}", "--max_iters=20",
+                          "--eval_interval=20", "--eval_iters=2", "--log_interval=10"])
 
 if "sample" not in args.skip and os.path.exists(os.path.join(out, "train_eager", "ckpt.pt")):
     samples = {}
@@ -177,11 +180,6 @@ if "official" not in args.skip:
                               f"--json={bench_json}"]) is not None:
         with open(bench_json) as f:
             results["bench_official"]["results"] = json.load(f)["lengths"]
-
-if "train" not in args.skip:
-    run("torchrun_nccl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
-                          "--alpha0=0.25", f"--out_dir={os.path.join(out, 'train_ddp')}", "--max_iters=20",
-                          "--eval_interval=20", "--eval_iters=2", "--log_interval=10"])
 
 if "compiled" not in args.skip:  # last: compiling takes minutes on a GPU box (about 30 s a graph on an H200's)
     bench_json = os.path.join(out, "bench_compiled.json")
