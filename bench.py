@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from esolm import H100_BF16_FLOPS, EsoLM, EsoLMConfig, autocast, check_args
+from esolm import EsoLM, EsoLMConfig
+from runtime import H100_BF16_FLOPS, autocast, check_args
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -65,7 +66,7 @@ try:  # every setting, and the model's own checks, before any work
     EsoLMConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                 n_embd=args.n_embd)
 except ValueError as e:
-    sys.exit(f"bench.py: {e}" if str(e).startswith("--") else f"bench.py: --{e}")
+    sys.exit(f"bench.py: {e}")
 amp, dtype = autocast(device)  # bfloat16 on a GPU that has it, else float32
 
 
@@ -110,9 +111,8 @@ def sampler(model, alpha0, steps, kv_cache=True, prompt=None):
     def fn():
         g = torch.Generator(device=device).manual_seed(0)
         with amp:
-            _, call = model.generate(args.sample_batch, alpha0, steps, prompt=prompt, kv_cache=kv_cache, generator=g,
-                                     compile=args.compile and kv_cache, return_calls=True)
-        return int(call.max())
+            return model.generate(args.sample_batch, alpha0, steps, prompt=prompt, kv_cache=kv_cache, generator=g,
+                                  compile=args.compile and kv_cache).nfe
     return fn
 
 

@@ -1,96 +1,91 @@
 """
-Esoteric Language Models (Eso-LMs) in one file: a transformer that is both a masked diffusion model and an
-autoregressive model, trained with the hybrid NELBO and sampled with an exact KV cache.
+Esoteric Language Models (Eso-LMs, Sahoo et al., arXiv 2506.01928) in one file: one transformer that is both a
+masked diffusion model (MDM) and an autoregressive (AR) model, trained with the hybrid NELBO and sampled with an
+exact KV cache. README.md teaches the method with pictures; this file is the method, top to bottom:
+config -> backbone (RoPE, attention with its KV cache, block, transformer) -> attention masks -> noise schedule and
+the NELBO's pieces -> sampling plans -> the Eso-LM (its two training forwards and the loss, the exact likelihood,
+the sampler).
 
-Order of the file: config -> primitives (RoPE, MLP) -> attention with the KV cache -> block -> backbone ->
-attention masks -> noise schedule -> the Eso-LM (its two training forwards, the NELBO, the exact likelihood, the
-sampler) -> running it (devices, checkpoints) -> loading the paper's published checkpoints. Section numbers (§5)
-are those of the method's summary in README.md ("The method, mapped to the code"), not the paper's.
-
-Two layouts, one convention. A forward pass sees its tokens in *sorted order*: clean tokens first, then masks
-(§5). `order[b, i]` is the original position of the i-th token of row b, and RoPE rotates by it, so a token
-means the same wherever the layout puts it and the attention mask is the only place the order shows up.
-- The diffusion forward (the MDM term, and every sampling call) feeds the L tokens of z_t in that order.
-- The sequential forward (the AR term) feeds two streams, [z ; x]: the masked positions of z0 as mask tokens
-  (queries), and the clean sequence x (keys). Two, because a masked position's query must not see its own
-  token, while the positions after it must see that token as a key: one stream cannot do both.
-
-Reading path for the sampler: generate -> reveal_schedule (how many tokens each call decodes) ->
-generation_order (in which order) -> _generate (feeds each call only what the cache lacks; the comment there
-says why that is exact) -> Transformer.forward -> Attention.forward -> KVCache.update.
+The symbols, as the paper writes them:
+- x: a clean sequence of L tokens over a vocabulary of V; the mask token has id V. z: a partly masked copy of x,
+  and M(z) its masked positions.
+- t in [0, 1]: diffusion time. alpha_t: the probability that a token is still clean at time t. z_t: x with each
+  token masked independently with probability 1 - alpha_t.
+- z0 (= z_t at t = 0, drawn from q_0): about alpha0 L clean tokens, what the diffusion phase hands to the
+  sequential phase, which fills its masks left to right. alpha0 = 1 is a pure MDM, alpha0 = 0 a pure AR model.
+- Sorted order: the layout of every forward pass, clean tokens first, then masks. order[b, i] is the original
+  position of the i-th token of row b; RoPE rotates each token by its original position, so a token means the
+  same wherever the layout puts it, and the attention mask is the only place the order shows.
+- NFE: the number of network calls of a sampling run. n_cached: the cache slots whose keys and values the coming
+  calls reuse as they are.
 """
-import contextlib
-import http.client
-import json
 import math
-import os
-import urllib.request
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
-EPS = 1e-3  # alpha_1 = alpha0 * EPS: the log-linear schedule never masks with probability exactly 1 (§3)
-VARIANTS = ("A", "B")  # (B): KV cache in both phases; (A): bidirectional clean tokens, cache in the sequential phase
+EPS = 1e-3  # the schedule's floor: alpha_1 = alpha0 * EPS, so a token is never masked with probability exactly 1
+VARIANTS = ("A", "B", "MDLM")  # the two Eso-LMs, and the MDLM baseline (bidirectional everywhere, alpha0 = 1)
 LOSS_TYPES = ("elbo", "low_var")
-H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: the default denominator of MFU
+
+
+class SettingError(ValueError):
+    """A setting or argument outside its domain. `key` names it, so that no caller has to parse the message."""
+
+    def __init__(self, key, value, rule):
+        super().__init__(f"--{key}={value}: {rule}")
+        self.key = key
+
+
+def check(ok, key, value, rule):
+    """The one way this project rejects a bad setting: SettingError("--key=value: rule") unless ok."""
+    if not ok:
+        raise SettingError(key, value, rule)
 
 
 @dataclass
 class EsoLMConfig:
-    vocab_size: int = 256  # real tokens; the mask token is id vocab_size
+    vocab_size: int = 256  # V real tokens; the mask token is id V
     block_size: int = 256  # L, the sequence length
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
-    dropout: float = 0.0
-    variant: str = "B"  # "B": KV cache in both phases; "A": bidirectional clean tokens, cache in the AR phase
+    dropout: float = 0.0  # on the two residual branches of each block, as the paper's network
+    variant: str = "B"  # "B": KV cache in both phases; "A": bidirectional clean tokens; "MDLM": the baseline
     rope_base: float = 10000.0
-    # the two switches the paper's published DiT needs (see from_pretrained); off, the model is nanoGPT's
+    # the two switches the paper's published network needs (from_pretrained); off, the backbone is nanoGPT's
     bias: bool = False  # biases in the LayerNorms, the MLP and lm_head; attention has none either way
     gelu: str = "exact"  # "exact" erf GELU, or "tanh": the approximation the paper's network uses
 
     def __post_init__(self):
-        for key, ok, rule in (
-                ("vocab_size", self.vocab_size >= 1, "must be at least 1"),
-                ("block_size", self.block_size >= 1, "must be at least 1"),
-                ("n_layer", self.n_layer >= 1, "must be at least 1"),
-                ("n_embd", self.n_embd >= 1, "must be at least 1"),
-                ("n_head", self.n_head >= 1 and self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2 == 0,
-                 f"n_embd / n_head ({self.n_embd} / {self.n_head}) must be an even integer: RoPE turns pairs of "
-                 "channels"),
-                ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
-                ("variant", self.variant in VARIANTS, f"must be one of {', '.join(VARIANTS)}"),
-                ("gelu", self.gelu in ("exact", "tanh"), "must be exact or tanh")):
-            if not ok:
-                raise ValueError(f"{key}={getattr(self, key)}: {rule}")
+        for key in ("vocab_size", "block_size", "n_layer", "n_embd"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be at least 1")
+        check(self.n_head >= 1 and self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2 == 0,
+              "n_head", self.n_head, f"n_embd / n_head ({self.n_embd} / {self.n_head}) must be an even integer: "
+              "RoPE turns pairs of channels")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+        check(self.variant in VARIANTS, "variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
+        check(self.gelu in ("exact", "tanh"), "gelu", self.gelu, "must be exact or tanh")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Primitives
+# Backbone: a pre-norm GPT with rotary positions and no time input (the network never sees t)
 
 def rope_tables(block_size, head_size, base):
-    """cos and sin of the rotary angles for every position, (L, hs/2). Built once; the forward gathers rows."""
+    """cos and sin of the rotary angles of every position, (L, hs/2). Built once; a forward gathers its rows."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
-    # x (B, nh, T, hs); cos, sin (B, 1, T, hs/2), gathered at each token's ORIGINAL position, so a token keeps
-    # its meaning wherever the sorted layout puts it (§2)
+    # x (B, nh, T, hs); cos, sin (B, 1, T, hs/2), gathered at each token's ORIGINAL position
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-def additive_mask(mask, dtype):
-    """bool mask (True = may attend) -> 0 / -inf; None (causal) and masks already additive pass as they are."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
 class MLP(nn.Module):
@@ -98,29 +93,24 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.approximate = "tanh" if config.gelu == "tanh" else "none"  # F.gelu's name for the two choices
-        self.dropout = nn.Dropout(config.dropout)
+        self.approximate = "tanh" if config.gelu == "tanh" else "none"  # F.gelu's names for the two choices
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Attention with a KV cache
-
-class KVCache:
-    """Preallocated keys and values of one layer, (B, nh, L, hs), written in place (gpt-fast style).
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, (B, nh, L, hs), written in place (gpt-fast's cache).
 
     Unlike an AR cache, slot i holds the i-th token in *generation order*, not position i: each row of the batch
-    has its own order, and the positions of its tokens live in RoPE, not in the slot index. A call writes every
-    token it is fed, masks included; the sampler then keeps only the slots whose keys/values stay valid (its
-    n_cached), and the next call overwrites the rest (§6.3). (A) rewrites its whole clean block at every call of
-    its diffusion phase."""
+    has its own order, and its tokens' positions live in RoPE, not in the slot index. A call writes every token it
+    is fed; the sampler then decides how many slots stay valid (n_cached) and the next call overwrites the rest."""
 
     def __init__(self, B, n_head, size, head_size, dtype, device):
-        # size = L slots: the sequence never holds more tokens. dtype: the compute dtype (autocast's when it is on)
-        self.k = torch.empty(B, n_head, size, head_size, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        super().__init__()
+        # zeros, not empty: a read of a never-written slot must be a finite number that the mask removes
+        self.register_buffer("k", torch.zeros(B, n_head, size, head_size, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros_like(self.k))
 
     def update(self, start, k, v):
         """Write the chunk (B, nh, T, hs) at slots [start, start+T); return the keys/values of slots [0, start+T)."""
@@ -136,36 +126,26 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.causal = config.variant != "MDLM"  # what no mask means: causal over the sorted order, or MDLM's all
 
-    def forward(self, x, cos, sin, attn_mask, cache=None, start=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0, n_z=0, x_mask=None):
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         qk, v = self.c_attn(x).split([2 * C, C], dim=2)
-        # q and k rotated together, as 2 nh heads: 35 ops a layer instead of 44 (a cached call is bound by op count)
         q, k = apply_rope(qk.view(B, T, 2 * nh, hs).transpose(1, 2), cos, sin).split(nh, dim=1)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, nh, start+T, hs)
-        if isinstance(attn_mask, tuple):
-            # the sequential layout [z ; x] (module docstring): x never attends to z, so its L queries run as an
-            # attention of their own (causal for (B): the fast path) and only the M z-queries read the (M, M+L) mask.
-            # Measured on CPU: 4 x 256 model, L = 256, alpha0 = 0.25: -6% time per training step
-            z_mask, x_mask = attn_mask
-            M = z_mask.size(-2)
-            y = torch.cat([self.sdpa(q[:, :, :M], k, v, z_mask),
-                           self.sdpa(q[:, :, M:], k[:, :, M:], v[:, :, M:], x_mask)], dim=2)
+            k, v = cache.update(start, k, v)  # (B, nh, start+T, hs): the cached tokens, then this chunk
+        if n_z:  # the sequential layout [z ; x]: x never attends to z, so its L queries run as an attention of their
+            # own over the x keys (causal for (B): the fast path), and only the n_z z-queries read `mask`
+            y = torch.cat([self.sdpa(q[:, :, :n_z], k, v, mask),
+                           self.sdpa(q[:, :, n_z:], k[:, :, n_z:], v[:, :, n_z:], x_mask)], dim=2)
         else:
-            y = self.sdpa(q, k, v, attn_mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+            y = self.sdpa(q, k, v, mask)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
-    def sdpa(self, q, k, v, attn_mask):
-        # attn_mask None means causal over the sorted order, as in the (B) diffusion forward: SDPA then skips
-        # the upper triangle instead of reading a mask
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                              dropout_p=self.dropout if self.training else 0.0)
+    def sdpa(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal)
 
 
 class Block(nn.Module):
@@ -175,14 +155,12 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)  # the residual branches only, as the paper's network
 
-    def forward(self, x, cos, sin, attn_mask, cache=None, start=0):
-        x = x + self.attn(self.ln_1(x), cos, sin, attn_mask, cache, start)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, cos, sin, **attention):
+        x = x + self.dropout(self.attn(self.ln_1(x), cos, sin, **attention))
+        return x + self.dropout(self.mlp(self.ln_2(x)))
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Backbone: a pre-norm GPT with RoPE and no time conditioning (§2)
 
 class Transformer(nn.Module):
     def __init__(self, config):
@@ -190,20 +168,19 @@ class Transformer(nn.Module):
         self.config = config
         self.mask_id = config.vocab_size
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # + 1 row for the mask token
-        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        # untied head over the real tokens only: the mask is never predicted (zero-masking of SUBS, §2)
+        # untied head over the V real tokens only: the mask is never predicted ("zero masking")
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # GPT-2 init: N(0, 0.02), and residual projections scaled by 1/sqrt(2 n_layer) so that the residual
-        # stream's variance does not grow with depth
+        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer) so that the residual stream's
+        # variance does not grow with depth
         for name, p in self.named_parameters():
             if p.dim() == 2:  # linear and embedding weights; LayerNorm weights stay 1
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02)
-            elif name.endswith(".bias"):  # with config.bias: start at 0, as nanoGPT does
+            elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
     def compute_dtype(self):
@@ -214,61 +191,61 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, pos, attn_mask=None, caches=None, start=0):
-        """idx, pos: (B, T) token ids (mask_id allowed) and original positions, in sorted order.
-        attn_mask: (B or 1, 1, T, start+T), bool (True = may attend) or additive (0 / -inf); None = causal; a pair
-        for the sequential layout (see sequential_forward). caches: one KVCache per layer, written at slots
-        [start, start+T) (sampling only). Returns the final hidden states (B, T, C): callers
-        apply lm_head only to the rows they need, which skips the C x V product on clean tokens."""
-        x = self.drop(self.wte(idx))
+    def forward(self, idx, pos, mask=None, caches=None, start=0, n_z=0, x_mask=None):
+        """idx, pos (B, T): token ids (the mask id allowed) and original positions, in sorted order.
+        mask: bool (B or 1, 1, T, start + T), True = may attend; None = causal over the sorted order (for MDLM:
+        every token sees every token). caches: one KVCache per layer, written at slots [start, start + T) (sampling
+        only). n_z > 0: the sequential layout [z ; x], whose first n_z tokens are z-queries with `mask` and whose
+        x-stream has `x_mask` (None: causal). Returns the final hidden states (B, T, C): callers apply lm_head to
+        the rows they need only, which skips the C x V product on clean tokens."""
+        x = self.wte(idx)
         dtype = self.compute_dtype()
         cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))  # (B, 1, T, hs/2)
-        # SDPA turns a bool mask into an additive one on every call: do it once for all layers
-        if isinstance(attn_mask, tuple):
-            attn_mask = tuple(additive_mask(m, dtype) for m in attn_mask)
-        else:
-            attn_mask = additive_mask(attn_mask, dtype)
+        mask, x_mask = (None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(
+            ~m, -math.inf) for m in (mask, x_mask))  # additive, once for all layers (SDPA would convert per call)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, attn_mask, caches[i] if caches else None, start)
+            x = block(x, cos, sin, mask=mask, cache=caches[i] if caches else None, start=start, n_z=n_z,
+                      x_mask=x_mask)
         return self.ln_f(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Attention masks (§5). A[q, j] = True: the token at sorted index q may attend to the one at sorted index j.
+# Attention masks. A[q, j] = True: the token at sorted index q may attend to the one at sorted index j.
 
 def visible(q, j, prefix):
-    """The rule behind the diffusion masks, the x-stream of the sequential mask and every call of the sampler:
-    causal over the sorted order, except that the first `prefix` tokens (the bidirectional clean block of (A); 0
-    for (B)) are visible to all. q, j: sorted indices (Tq,), (Tk,). (The z-queries of the sequential mask follow
-    a rule of their own: see sequential_mask.)"""
+    """The rule behind the diffusion masks, the x-stream of the sequential layout and every sampler call: causal
+    over the sorted order, except that the first `prefix` tokens (the bidirectional clean block of (A); 0 for (B))
+    see each other both ways. q, j: sorted indices (Tq,), (Tk,)."""
     return (j <= q[:, None]) | (j < prefix)
 
 
 def diffusion_mask(prefix, L, variant):
-    """(B, 1, L, L) mask of the L-token diffusion forward: clean tokens first, then masks. prefix (B,): the clean
-    tokens that see each other both ways in (A) (all of them in training; the sampler freezes the block).
+    """(B, 1, L, L) mask of the L-token diffusion forward over z_t: clean tokens first, then masks. prefix (B,): the
+    clean tokens of (A) that see each other both ways (all of them in training; the sampler freezes the block).
 
-    (B): plain causal; a clean token sees only the clean tokens before it in the (random) order, which is why
-    its keys/values can be cached. (A): the clean block is bidirectional; masks see every clean token and the
-    masks before them. L = 4, prefix = 2 (c = clean, m = mask, 1 = may attend):
+    (B): plain causal: a clean token sees only the clean tokens before it in the (random) order, which is why its
+    keys/values can be cached. (A): the clean block is bidirectional; masks see every clean token and the masks
+    before them. MDLM sees everything. L = 4, prefix = 2 (c = clean, m = mask, 1 = may attend):
 
-        (B)    c c m m        (A)    c c m m
-            c  1 . . .            c  1 1 . .
-            c  1 1 . .            c  1 1 . .
-            m  1 1 1 .            m  1 1 1 .
-            m  1 1 1 1            m  1 1 1 1
+        (B)    c c m m        (A)    c c m m        MDLM   c c m m
+            c  1 . . .            c  1 1 . .            c  1 1 1 1
+            c  1 1 . .            c  1 1 . .            c  1 1 1 1
+            m  1 1 1 .            m  1 1 1 .            m  1 1 1 1
+            m  1 1 1 1            m  1 1 1 1            m  1 1 1 1
     """
     i = torch.arange(L, device=prefix.device)
+    if variant == "MDLM":
+        return torch.ones(prefix.size(0), 1, L, L, dtype=torch.bool, device=prefix.device)
     return visible(i, i, (prefix if variant == "A" else torch.zeros_like(prefix))[:, None, None]).unsqueeze(1)
 
 
 def sequential_mask(n_clean, M, L, variant):
-    """(B, 1, M+L, M+L) mask of the sequential forward (the AR term), layout [z ; x] in sorted order: clean
-    tokens of z0 first, then its masked positions left to right; x is the clean sequence in the same order.
-    z-query q sees itself and the x-keys before it; x is causal ((A): its clean block bidirectional) and never
-    sees z. The method's layout has L z-queries; the clean ones carry no loss and equal their x-twins, so only
-    the M masked ones are fed: z-query r is sorted index n_clean + r (rows with fewer masks are padded;
-    nothing reads the padding queries). L = 4, n_clean = 2, the full 2L layout, and what we keep (*):
+    """The masks of the sequential forward (the AR term), layout [z ; x] in sorted order: z0's clean tokens first,
+    then its M masked positions left to right; x is the clean sequence in the same order. A z-query sees itself and
+    the x-keys before it; the x-stream is causal ((A): its clean block bidirectional) and never sees z. The method's
+    layout has L z-queries, but the clean ones carry no loss, so only the M masked ones are fed: z-query r is at
+    sorted index n_clean + r (rows with fewer masks are padded; nothing reads the padding queries). L = 4,
+    n_clean = 2: the full 2L layout, and the rows we feed (*):
 
         (B)      z z z z  x x x x         (A)      z z z z  x x x x
             z    1 . . .  . . . .             z    1 . . .  . . . .
@@ -279,33 +256,35 @@ def sequential_mask(n_clean, M, L, variant):
           * x    . . . .  1 1 . .           * x    . . . .  1 1 . .
           * x    . . . .  1 1 1 .           * x    . . . .  1 1 1 .
           * x    . . . .  1 1 1 1           * x    . . . .  1 1 1 1
-    """
+
+    Returns what the forward reads: the z-queries' mask (B, 1, M, M + L) over [z ; x], and the x-stream's own
+    (B, 1, L, L), None for (B) (causal). The block where x would see z is never built: the forward skips it."""
     B, dev = n_clean.size(0), n_clean.device
     c = n_clean[:, None, None]
     r, i = torch.arange(M, device=dev), torch.arange(L, device=dev)
-    zz = torch.eye(M, dtype=torch.bool, device=dev).expand(B, M, M)
-    zx = i < c + r[:, None]  # (B, M, L): x-keys strictly before the z-query's sorted index
-    xz = torch.zeros(B, L, M, dtype=torch.bool, device=dev)
-    xx = visible(i, i, c if variant == "A" else 0).expand(B, L, L)
-    return torch.cat([torch.cat([zz, zx], 2), torch.cat([xz, xx], 2)], 1).unsqueeze(1)
+    zz = torch.eye(M, dtype=torch.bool, device=dev).expand(B, M, M)  # each z-query sees itself...
+    zx = i < c + r[:, None]  # ... and the x-keys strictly before its sorted index, (B, M, L)
+    x_mask = None if variant == "B" else visible(i, i, c).unsqueeze(1)
+    return torch.cat([zz, zx], 2).unsqueeze(1), x_mask
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Noise schedule (§3) and the pieces of the NELBO (§4)
+# Noise schedule and the pieces of the NELBO
 
 def alpha_t(alpha0, t):
-    """Probability that a token is still clean at time t: alpha0 at t = 0, alpha0 * EPS at t = 1."""
+    """alpha_t = alpha0 (1 - (1 - EPS) t): linear in t, alpha0 at t = 0 and alpha0 * EPS at t = 1. (The official
+    code calls it "log-linear": MDLM's sigma_t = -log alpha_t.)"""
     return alpha0 * (1 - (1 - EPS) * t)
 
 
 def mdm_weight(alpha0, t):
-    """-alpha_t' / (1 - alpha_t) = alpha0 (1 - eps) / (1 - alpha_t): the MDM term's weight; 1/t at alpha0 = 1."""
+    """-alpha_t' / (1 - alpha_t) = alpha0 (1 - EPS) / (1 - alpha_t): the MDM term's weight; 1/t at alpha0 = 1."""
     return alpha0 * (1 - EPS) / (1 - alpha_t(alpha0, t))
 
 
 def p_diffusion(alpha0):
-    """Probability that the diffusion phase, not the sequential one, decodes a given masked position: the fraction
-    of masks the schedule unmasks from t = 1 to t = 0, (alpha_0 - alpha_1) / (1 - alpha_1) (§6.1)."""
+    """Probability that the diffusion phase, not the sequential one, decodes a given position: the fraction of
+    masks the schedule unmasks from t = 1 to t = 0, (alpha_0 - alpha_1) / (1 - alpha_1)."""
     return (alpha_t(alpha0, 0.0) - alpha_t(alpha0, 1.0)) / (1 - alpha_t(alpha0, 1.0))
 
 
@@ -314,40 +293,49 @@ def rand(*shape, device, generator=None, dtype=torch.float32):
 
 
 def stratified_t(n, device, generator=None):
-    """t for n rows as the official code draws it (§4): row i takes its own uniform inside the i-th of n equal slices
-    of [0, 1), mapped to [EPS, 1). The slices cover the schedule evenly (lower variance than independent draws) and
-    t >= EPS bounds the MDM weight by about 1 / EPS, so a t near 0 cannot make a loss spike."""
+    """t for n rows as the official code draws it: row i takes its own uniform inside the i-th of n equal slices of
+    [0, 1), mapped to [EPS, 1). The slices cover the schedule evenly (less variance than independent draws), and
+    t >= EPS keeps the MDM weight below about 1 / EPS."""
     u = (rand(n, device=device, generator=generator) + torch.arange(n, device=device)) / n
     return EPS + (1 - EPS) * u
 
 
 def mdm_rows(B, alpha0, batch_split):
-    """How many of B rows (the first ones) estimate the MDM term in training; the others estimate the AR term (§4).
+    """How many of B rows (the first ones) estimate the MDM term in training; the others estimate the AR term.
     When alpha0 is 0 or 1 the absent term takes no rows."""
     if alpha0 in (0, 1):
         return B * int(alpha0)
-    if 0 < batch_split < 1 and B >= 2:
-        return min(max(round(B * batch_split), 1), B - 1)
-    raise ValueError(f"0 < alpha0 < 1 needs both terms: batch_split in (0, 1) and at least 2 rows, got "
-                     f"batch_split={batch_split} and {B} rows")
+    check(0 < batch_split < 1 and B >= 2, "batch_split", batch_split, f"0 < alpha0 < 1 needs both terms: "
+          f"batch_split strictly between 0 and 1, and at least 2 rows (got {B} rows)")
+    return min(max(round(B * batch_split), 1), B - 1)
 
 
 def nll_per_row(logits, targets, sel):
-    """sum over the selected tokens of each row of -log p(target); logits (N, V) for the N True entries of sel."""
+    """Sum over the selected tokens of each row of -log p(target); logits (N, V) for the N True entries of sel."""
     nll = torch.zeros(sel.shape, device=sel.device, dtype=torch.promote_types(logits.dtype, torch.float32))
     nll[sel] = F.cross_entropy(logits.to(nll.dtype), targets, reduction="none")
     return nll.sum(1)
 
 
+def clean_first_order(clean, shuffle, generator=None):
+    """(B, L) positions in sorted order: the clean ones first (in a random order if shuffle, else left to right),
+    then the others left to right."""
+    B, L = clean.shape
+    pos = torch.arange(L, device=clean.device) / L
+    key = rand(B, L, device=clean.device, generator=generator) if shuffle else pos.expand(B, L)
+    return torch.where(clean, key, 1 + pos).argsort(1)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Sampling helpers (§6)
+# Sampling plans: how many tokens each network call decodes, and in which order. A plan is (order, ks, n_seq):
+# order (B, L) the positions in generation order, the given tokens (prompt) first; ks the tokens decoded by each
+# call (NFE = len(ks)); n_seq how many of the last calls form the sequential phase (one token each, left to right).
 
 def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
-    """Tokens decoded per network call of the diffusion phase, k_1..k_S (empty steps dropped), and the number of
-    tokens left to the sequential phase, decoded one per call. Drawing, for each masked position, the step that
-    reveals it (or none: then the sequential phase decodes it) has the same law as drawing
-    k_s ~ Binomial(remaining, (alpha_s - alpha_t) / (1 - alpha_t)) step by step, and needs one draw instead of
-    `steps` dependent ones."""
+    """Tokens decoded per call of the diffusion phase, k_1..k_S (empty steps dropped), and the tokens left to the
+    sequential phase. With T = steps on an even grid from t = 1 to 0, step s reveals
+    k_s ~ Binomial(remaining, (alpha_s - alpha_t) / (1 - alpha_t)); drawing for each masked position the step that
+    reveals it (or none: the sequential phase decodes it) has the same law and needs one draw, not T."""
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
     p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step s), then P(left to the AR phase)
     step = torch.searchsorted(p.cumsum(0), rand(n_gen, device=device, generator=generator, dtype=torch.float64),
@@ -356,17 +344,42 @@ def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
     return [n for n in k[:steps] if n], k[steps]
 
 
-def generation_order(to_gen, n_diffusion, generator=None):
-    """(B, L) positions in generation order, one random order per row (§6.2): the given tokens first, then
-    n_diffusion positions in a random order (the diffusion phase), then the rest left to right (sequential)."""
+def random_plan(to_gen, alpha0, steps, generator=None):
+    """The paper's default plan, one random order per row: the given tokens, then the diffusion positions in a
+    random order, then the rest left to right; the binomial schedule over T = steps. to_gen (B, L): True where a
+    token is to be generated (every row the same count)."""
     B, L = to_gen.shape
-    order = (rand(B, L, device=to_gen.device, generator=generator) + to_gen).argsort(1)
-    n_first = L - int(to_gen[0].sum()) + n_diffusion
-    return torch.cat([order[:, :n_first], order[:, n_first:].sort(1).values], 1)
+    n_gen = int(to_gen[0].sum())
+    ks, n_seq = reveal_schedule(n_gen, alpha0, steps, to_gen.device, generator)
+    order = (rand(B, L, device=to_gen.device, generator=generator) + to_gen).argsort(1)  # given first, then random
+    n_first = L - n_seq
+    return torch.cat([order[:, :n_first], order[:, n_first:].sort(1).values], 1), ks + [1] * n_seq, n_seq
+
+
+def subcontext_plan(to_gen, S, alpha0, shuffle, generator=None):
+    """The paper's structured orders: the sequence is read as L / S chunks of length S, and call j of the diffusion
+    phase decodes offset j of every chunk (so NFE = S at alpha0 = 1: each chunk left to right, all in parallel).
+    With shuffle the offsets come in a random order (one for the batch, shared by all chunks) and each row takes the
+    positions of a call in its own random order. Only the first floor(S alpha0) calls follow the pattern; the rest is
+    the sequential phase. Given tokens come first and leave their calls."""
+    B, L = to_gen.shape
+    dev, pos = to_gen.device, torch.arange(L, device=to_gen.device)
+    n_pattern = math.floor(S * alpha0)
+    offsets = torch.randperm(S, device=dev, generator=generator) if shuffle else torch.arange(S, device=dev)
+    call = torch.empty_like(offsets).scatter_(0, offsets, torch.arange(S, device=dev))[pos % S]  # (L,) call of each
+    diffusion = to_gen & (call < n_pattern)
+    within = rand(B, L, device=dev, generator=generator, dtype=torch.float64) if shuffle else pos.double() / L
+    key = torch.where(diffusion, 1 + call + within, 1 + n_pattern + pos.double() / L)
+    order = torch.where(to_gen, key, rand(B, L, device=dev, generator=generator, dtype=torch.float64)).argsort(1)
+    counts = torch.zeros(B, S, dtype=torch.long, device=dev).scatter_add_(1, call.expand(B, L), diffusion.long())
+    check(bool((counts == counts[:1]).all()), "prompt", "(rows with different given positions)",
+          "a subcontext order needs the same given positions in every row (the rows share the calls)")
+    n_seq = int(to_gen[0].sum()) - int(counts[0].sum())
+    return order, [k for k in counts[0, :n_pattern].tolist() if k] + [1] * n_seq, n_seq
 
 
 def sample_tokens(logits, temperature, top_p, generator=None):
-    """Gumbel-max in float64 from softmax(logits / temperature), nucleus-filtered when top_p < 1 (§6.5)."""
+    """Gumbel-max in float64 from softmax(logits / temperature), nucleus-filtered when top_p < 1."""
     if temperature == 0:
         return logits.argmax(-1)
     logp = (logits.double() / temperature).log_softmax(-1)
@@ -378,63 +391,68 @@ def sample_tokens(logits, temperature, top_p, generator=None):
     return (logp - (-u.log()).log()).argmax(-1)
 
 
-def clean_first_order(clean, shuffle, generator=None):
-    """(B, L) positions in sorted order: the clean ones first (in a random order if shuffle, else left to right),
-    then the rest left to right."""
-    B, L = clean.shape
-    pos = torch.arange(L, device=clean.device) / L
-    key = rand(B, L, device=clean.device, generator=generator) if shuffle else pos.expand(B, L)
-    return torch.where(clean, key, 1 + pos).argsort(1)
+class Feed(NamedTuple):
+    """One cached network call: feed sorted indices [n_cached, d + k) (the cache holds [0, n_cached)), decode the k
+    tokens at [d, d + k); `prefix` is the size of (A)'s bidirectional clean block (0 for (B))."""
+    n_cached: int
+    d: int
+    k: int
+    prefix: int
 
 
-def _check_alpha0(alpha0):
-    if not 0 <= alpha0 <= 1:
-        raise ValueError(f"alpha0 must be in [0, 1], got {alpha0}")
+class Samples(NamedTuple):
+    """What generate returns. x (B, L): the samples. calls (B, L): the network call that decoded each position (1
+    for the first call, 0 for given tokens). nfe: the number of calls. logits: the logits of each call, a list of
+    (B, k, V) in at least float32, when asked for (return_logits), else None."""
+    x: torch.Tensor
+    calls: torch.Tensor
+    nfe: int
+    logits: list | None
+
+
+# cuDNN attention builds an execution plan for every new shape, and a cached call's shapes change at every call
+SAMPLER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The Eso-LM: the backbone plus its two training forwards, the NELBO and the sampler
-
-# The attention kernels of the sampler: any but cuDNN's. On Hopper GPUs torch prefers cuDNN attention in bf16,
-# and cuDNN builds an execution plan for each new shape of q, k and v (tens of ms of host time). The cached
-# sampler's keys grow at every call, so each call would build one: measured on an H200 in bf16 (12 x 768,
-# L = 1024), the cached sampler ran 9x *slower* than the uncached one, whose shapes never change (BENCHMARKS.md).
-SAMPLER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
+# The Eso-LM: the backbone plus its two training forwards, the NELBO, the exact likelihood and the sampler
+#
+# A masked position l is predicted by the mask token at position l itself, not by the token before it as in GPT:
+# the layout puts tokens in any order, so "the next slot" means nothing, and under RoPE from original positions only
+# a query rotated to position l can say which position it is predicting.
 
 class EsoLM(Transformer):
 
     def diffusion_forward(self, zs, order, prefix):
-        """The L-token forward over z_t in sorted order (clean first, §5). Hidden states (B, L, C). prefix (B,): the
-        size of (A)'s bidirectional clean block (in training, all its clean tokens); (B) is causal and ignores it."""
-        mask = None if self.config.variant == "B" else diffusion_mask(prefix, zs.size(1), "A")
-        return self(zs, order, mask)
+        """The L-token forward over z_t in sorted order (clean first). Hidden states (B, L, C). prefix (B,): the
+        size of (A)'s bidirectional clean block (in training, all its clean tokens); (B) is causal, MDLM sees all."""
+        return self(zs, order, diffusion_mask(prefix, zs.size(1), "A") if self.config.variant == "A" else None)
 
     def sequential_forward(self, xs, order, n_clean):
-        """The forward of the AR term: xs is the clean x in sorted order (clean of z0 first, then the masked
-        positions of z0 left to right). Returns the hidden states of the masked positions' z-queries (B, M, C),
-        their sorted indices s (B, M), and `valid` (B, M): which are real rather than padding."""
+        """The forward of the AR term. xs: the clean x in sorted order (z0's clean tokens first, then its masked
+        positions left to right). Returns the hidden states of the masked positions' z-queries (B, M, C), their
+        sorted indices s (B, M), and `valid` (B, M): which are real rather than padding."""
         B, L = xs.shape
         M = int((L - n_clean).max())
         r = torch.arange(M, device=xs.device)
         valid = r < (L - n_clean)[:, None]
         s = (n_clean[:, None] + r).clamp(max=L - 1)  # padding queries reuse index L-1; nothing reads them
-        idx = torch.cat([torch.full_like(s, self.mask_id), xs], 1)
-        pos = torch.cat([order.gather(1, s), order], 1)
-        mask = sequential_mask(n_clean, M, L, self.config.variant)
-        h = self(idx, pos, (mask[:, :, :M], None if self.config.variant == "B" else mask[:, :, M:, M:]))
+        z_mask, x_mask = sequential_mask(n_clean, M, L, self.config.variant)
+        h = self(torch.cat([torch.full_like(s, self.mask_id), xs], 1), torch.cat([order.gather(1, s), order], 1),
+                 z_mask, n_z=M, x_mask=x_mask)
         return h[:, :M], s, valid
 
     # ------------------------------------------------------------------------------------------------------
-    # NELBO (§4)
+    # The NELBO
 
     def nelbo(self, x, alpha0, generator=None):
-        """One Monte Carlo draw of the NELBO of each row of x (B, L), in nats per sequence. Generation has two stages:
-        the diffusion phase turns all-masks into z0 (about alpha0 L clean tokens), then the sequential phase decodes
-        x from z0 left to right. So -log p(x) <= AR term (-log p(x | z0), teacher-forced) + MDM term (the MDLM bound
-        on z0, restricted to t in [0, 1]). Both terms on every row; t stratified over the rows."""
+        """One Monte Carlo draw of the NELBO of each row of x (B, L), nats per sequence, both terms on every row.
+        Generation has two stages, all-masks -> z0 by diffusion, then z0 -> x left to right, so
+            -log p(x) <= AR term (-log p(x | z0), teacher-forced) + MDM term (MDLM's bound on z0, t in [0, 1]),
+        up to the schedule's floor: alpha_1 = alpha0 EPS > 0, so the bound sits below -log p(x) by at most about
+        EPS times the per-token cross-entropies (0.004 nats for L = 4, measured by enumeration)."""
         self._check_x(x)
-        _check_alpha0(alpha0)
+        self._check_alpha0(alpha0)
         t = stratified_t(x.size(0), x.device, generator)
         mdm_nll, _ = self._mdm_term(x, alpha0, t, generator)
         return self._ar_term(x, alpha0, generator) + mdm_weight(alpha0, t) * mdm_nll
@@ -445,14 +463,13 @@ class EsoLM(Transformer):
         return mdm + ar
 
     def loss_terms(self, x, alpha0, batch_split=0.5, loss_type="elbo"):
-        """(MDM term, AR term), each a per-token estimate: the first rows of x (fraction batch_split, see mdm_rows)
-        estimate the MDM term, the others the AR term, each averaged over all tokens of its own rows (§4); an absent
-        term is 0. loss_type "low_var" drops the MDM weight: the plain -log p of the masked tokens, divided by all
-        tokens of the MDM rows as the weighted term is (the official code's choice)."""
+        """(MDM term, AR term), each a per-token estimate: the first rows of x (fraction batch_split) estimate the MDM
+        term, the others the AR term, each averaged over all tokens of its own rows; an absent term is 0. loss_type
+        "low_var" drops the MDM weight: the plain -log p of the masked tokens, divided by all tokens of the MDM rows
+        as the weighted term is (the official code's choice for its alpha0 = 1 runs)."""
         self._check_x(x)
-        _check_alpha0(alpha0)
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        self._check_alpha0(alpha0)
+        check(loss_type in LOSS_TYPES, "loss_type", loss_type, f"must be one of {', '.join(LOSS_TYPES)}")
         B, L = x.shape
         n_mdm = mdm_rows(B, alpha0, batch_split)
         mdm = ar = torch.zeros((), device=x.device)
@@ -476,10 +493,12 @@ class EsoLM(Transformer):
     def _mdm_term(self, x, alpha0, t, generator=None):
         """sum_{l in M(z_t)} -log p(x_l | z_t) for each row (unweighted), and |M(z_t)|."""
         B, L = x.shape
-        if alpha0 == 0:  # the weight alpha0 (1 - eps) / (1 - alpha_t) is 0: skip the forward pass
+        if alpha0 == 0:  # the weight alpha0 (1 - EPS) / (1 - alpha_t) is 0: skip the forward pass
             return torch.zeros(B, device=x.device), torch.zeros(B, device=x.device, dtype=torch.long)
         masked = rand(B, L, device=x.device, generator=generator) < 1 - alpha_t(alpha0, t)[:, None]  # M(z_t)
-        # sorted order: clean tokens first, then masks, each group in a random order (§5)
+        # sorted order: clean tokens first, then masks, each group in a random order. This is an order the sampler
+        # produces (the tokens decoded so far, then those it decodes next), so (B)'s causal attention trains on
+        # exactly the contexts it samples with
         order = (rand(B, L, device=x.device, generator=generator) + masked).argsort(1)
         xs, ms = x.gather(1, order), masked.gather(1, order)
         h = self.diffusion_forward(xs.masked_fill(ms, self.mask_id), order, L - ms.sum(1))
@@ -491,9 +510,9 @@ class EsoLM(Transformer):
         masked = rand(B, L, device=x.device, generator=generator) < 1 - alpha0  # M(z0); every token at alpha0 = 0
         if not masked.any():
             return torch.zeros(B, device=x.device)
-        # sorted order: the clean tokens of z0 first, then the masked positions left to right. (B) takes the clean
-        # ones in a random order, because its sampler decodes them in a random order and a clean token only sees
-        # those before it; (A) sees them all both ways, so any order does
+        # sorted order: z0's clean tokens, then its masked positions left to right, as the sampler decodes them. (B)
+        # takes the clean ones in a random order, because its diffusion phase decodes them in a random order and a
+        # clean token only sees those before it; (A) sees them all both ways, so any order does
         order = clean_first_order(~masked, self.config.variant == "B", generator)
         return self._sequential_nll(x, order, L - masked.sum(1))
 
@@ -505,16 +524,16 @@ class EsoLM(Transformer):
 
     @torch.no_grad()
     def exact_nll(self, x, alpha0, num_orders=1, generator=None):
-        """-log mean_k p(x | order_k) of each row, nats per sequence (§7). Decoding one token per call along a
-        fixed generation order, Eso-LM (B) is an AR model over that order, scored exactly by one sequential forward
-        with every token masked. The orders follow the sampler's law: each position is a diffusion position with
+        """-log mean_k p(x | order_k) of each row, nats per sequence. Decoding one token per call along a fixed
+        generation order, Eso-LM (B) is an AR model over that order, scored exactly by one sequential forward with
+        every token masked. The orders follow the sampler's law: each position is a diffusion position with
         probability p_diffusion(alpha0), those come first in a random order, the rest left to right; each row draws
-        its own orders. K = 1 is the exact likelihood of one order; the log-mean-exp over K orders is an
-        importance-weighted bound on -log p(x) under the sampler that tightens as K grows."""
-        if self.config.variant != "B":
-            raise ValueError("exact_nll needs variant B: the clean tokens of (A) see each other both ways")
+        its own. K = 1 is the exact likelihood of one order; the log-mean-exp over K orders is an importance-weighted
+        bound on -log p(x) under the sampler that tightens as K grows."""
+        check(self.config.variant == "B", "variant", self.config.variant,
+              "exact_nll needs variant B: the clean tokens of (A) and MDLM see each other both ways")
         self._check_x(x)
-        _check_alpha0(alpha0)
+        self._check_alpha0(alpha0)
         B, L = x.shape
         no_clean = torch.zeros(B, dtype=torch.long, device=x.device)
         log_p = []
@@ -525,347 +544,125 @@ class EsoLM(Transformer):
 
     def _check_x(self, x):
         L, V = self.config.block_size, self.config.vocab_size
-        if not torch.is_tensor(x) or x.dim() != 2 or x.size(1) != L or x.dtype != torch.long:
-            raise ValueError(f"x must be a LongTensor of shape (B, {L}), got "
-                             f"{(x.dtype, tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__}")
-        if x.numel() and (x.min() < 0 or x.max() >= V):
-            raise ValueError(f"x holds ids outside [0, {V}) (real tokens only; the mask id {V} is not allowed)")
+        check(torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long, "x",
+              (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__,
+              f"must be a LongTensor of shape (B, {L})")
+        check(not x.numel() or (x.min() >= 0 and x.max() < V), "x", "...", f"holds ids outside [0, {V}) (real "
+              f"tokens only; the mask id {V} is not allowed)")
+
+    def _check_alpha0(self, alpha0):
+        check(0 <= alpha0 <= 1, "alpha0", alpha0, "must be in [0, 1] (0: pure AR, 1: pure MDM)")
+        check(alpha0 == 1 or self.config.variant != "MDLM", "alpha0", alpha0, "MDLM is a pure MDM: alpha0 = 1 only")
 
     # ------------------------------------------------------------------------------------------------------
-    # Sampler (§6)
+    # The sampler
 
     @torch.no_grad()
-    def generate(self, num_samples, alpha0, steps, *, temperature=1.0, top_p=1.0, prompt=None, kv_cache=True,
-                 generator=None, compile=False, return_logits=False, return_calls=False):
-        """Sample (num_samples, L) token ids: a diffusion phase of `steps` steps, then a sequential phase (§6).
-        kv_cache=False runs the uncached reference (a full L-token forward per call, what MDLM pays); both give
-        the same tokens for the same generator state. `generator` must live on the model's device. compile=True
-        runs each cached call's network through torch.compile (dynamic shapes; the first calls pay for compiling).
-        Returns x, then the logits of each call (a list of (B, k, V), at least float32) if return_logits, then the
-        network call that decoded each position ((B, L), 1 for the first call, 0 for given tokens) if return_calls."""
-        _check_alpha0(alpha0)
-        if not (isinstance(num_samples, int) and num_samples >= 1 and isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"num_samples and steps must be integers >= 1, got {num_samples} and {steps}")
-        if not (temperature >= 0 and 0 < top_p <= 1):
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    def generate(self, num_samples, alpha0, steps, *, temperature=1.0, top_p=1.0, prompt=None, subcontext_len=0,
+                 subcontext_shuffle=False, kv_cache=None, compile=False, generator=None, return_logits=False):
+        """Sample (num_samples, L) token ids: a diffusion phase, then a sequential phase. Returns Samples.
+        The plan: by default the binomial schedule over T = steps and a random order per row (random_plan); with
+        subcontext_len = S (a divisor of L), the paper's structured order (subcontext_plan: steps is not used).
+        prompt: ids (T,) or (num_samples, T), T <= L; mask ids inside it are positions to generate (infilling).
+        kv_cache (default: on for Eso-LMs, off for MDLM): False runs the uncached reference, a full L-token forward
+        per call (what MDLM pays); both give the same tokens. compile=True runs each cached call as one static-shape
+        compiled graph (static_cache.py; CUDA graphs on a GPU). `generator` must live on the model's device."""
+        self._check_alpha0(alpha0)
+        L = self.config.block_size
+        check(isinstance(num_samples, int) and num_samples >= 1, "num_samples", num_samples, "must be an int >= 1")
+        check(isinstance(steps, int) and steps >= 1, "steps", steps, "must be an int >= 1")
+        check(temperature >= 0, "temperature", temperature, "must be at least 0 (0: greedy)")
+        check(0 < top_p <= 1, "top_p", top_p, "must be in (0, 1] (1: no nucleus filter)")
+        check(subcontext_len == 0 or (1 <= subcontext_len <= L and L % subcontext_len == 0), "subcontext_len",
+              subcontext_len, f"must divide L = {L} (0: the random order)")
+        kv_cache = self.config.variant != "MDLM" if kv_cache is None else kv_cache
+        check(not kv_cache or self.config.variant != "MDLM", "kv_cache", kv_cache, "MDLM has no KV cache: every "
+              "token attends to every other, so each new token changes all keys and values (use kv_cache=False)")
+        check(kv_cache or not compile, "compile", compile, "compiles the cached call: it needs kv_cache=True")
+        z = self._prompt_template(prompt, num_samples)  # (B, L), the mask id where a token is to be generated
+        to_gen = z == self.mask_id
+        order, ks, n_seq = (subcontext_plan(to_gen, subcontext_len, alpha0, subcontext_shuffle, generator)
+                            if subcontext_len else random_plan(to_gen, alpha0, steps, generator))
+        zs = z.gather(1, order)  # sorted: the given tokens, then the masks in generation order
         was_training = self.training
         self.eval()  # dropout off: the cached and reference paths must compute the same function
         try:
             with sdpa_kernel(SAMPLER_ATTENTION):
-                x, logits, calls = self._generate(num_samples, alpha0, steps, temperature, top_p, prompt, kv_cache,
-                                                  generator, compile, return_logits)
+                logits = self.decode(zs, order, ks, n_seq, lambda lg: sample_tokens(lg, temperature, top_p, generator),
+                                     kv_cache, compile, return_logits)
         finally:
             self.train(was_training)
-        return (x, *([logits] if return_logits else []), *([calls] if return_calls else [])) \
-            if return_logits or return_calls else x
+        calls = torch.repeat_interleave(torch.arange(len(ks) + 1, device=z.device),
+                                        torch.tensor([L - sum(ks)] + ks, device=z.device))
+        unsort = order.argsort(1)
+        return Samples(zs.gather(1, unsort), calls.expand_as(zs).gather(1, unsort), len(ks), logits)
 
-    def _generate(self, B, alpha0, steps, temperature, top_p, prompt, kv_cache, generator, compile, return_logits):
-        L, dev = self.config.block_size, self.wte.weight.device
-        z = self._prompt_template(prompt, B)  # (B, L), mask_id where a token is to be generated
-        n_gen = int((z[0] == self.mask_id).sum())
-        k_diffusion, n_seq = reveal_schedule(n_gen, alpha0, steps, dev, generator)
-        ks = k_diffusion + [1] * n_seq  # tokens decoded by each network call (NFE = len(ks)), Python ints: no syncs
-        order = generation_order(z == self.mask_id, n_gen - n_seq, generator)  # (B, L) positions
-        zs = z.gather(1, order)  # sorted: the given tokens, then the masks in generation order
-        d = L - n_gen  # tokens decoded so far, the given ones included: zs[:, :d] is clean
-        c_switch = L - n_seq  # clean tokens when the sequential phase starts
-        nh, dtype = self.config.n_head, self.compute_dtype()
-        caches = [KVCache(B, nh, L, self.config.n_embd // nh, dtype, dev) for _ in self.blocks] if kv_cache else None
-        i = torch.arange(L, device=dev)
-        causal = additive_mask(visible(i, i, 0), dtype)  # (L, L), built once: each call takes a slice
-        net = torch.compile(self, dynamic=True) if compile else self
-        n_cached = 0  # cache slots [0, n_cached) hold keys/values that the coming calls can reuse as they are
-        logits_per_call = []
+    def feeds(self, ks, n_seq):
+        """The cached calls of a plan, as Feeds. Why the cache is exact, for (B): under the causal mask over the
+        generation order, a token's keys and values at every layer depend only on the tokens before it in the order;
+        once it is clean, those are clean too and never change, so its keys/values are final and computed once. A
+        call feeds only what the cache lacks: the tokens decoded by the last call (now clean, with their ids) and
+        the k masks to decode now. The masks not fed yet come after every fed token in the order, so no fed query may
+        see them: leaving them out changes nothing. (A)'s clean tokens see each other both ways, so each new one
+        changes the others: its diffusion phase keeps nothing (it feeds the whole clean block again), and at the
+        switch to the sequential phase the block freezes and (A) caches like (B)."""
+        L = self.config.block_size
+        d, c_switch, n_cached, feeds = L - sum(ks), L - n_seq, 0, []  # d: tokens decoded so far, the given included
         for k in ks:
-            # (B): causal over the generation order. (A): the clean tokens form one bidirectional block, frozen
-            # at c_switch once the sequential phase starts; the tokens decoded after it join causally
             prefix = 0 if self.config.variant == "B" else min(d, c_switch)
-            if kv_cache:
-                # Feed only what is not cached: the tokens decoded by the last call (now clean, with their ids) and
-                # the k masks to decode now, sorted indices [n_cached, d + k). Why this is exact, for (B): under the
-                # causal mask over the generation order, a token's keys and values at every layer depend only on
-                # the tokens before it in the order; once it is clean, those are clean too and never change, so
-                # its keys/values are final and computed once. The masks not fed yet come after every fed token
-                # in the order, so no fed query may see them: leaving them out changes nothing (§6.3).
-                if prefix <= n_cached:  # each fed token sees every cached key and the fed ones up to itself
-                    mask = causal[n_cached:d + k, :d + k]
-                else:  # (A) before its block is cached: the block is fed whole and sees itself both ways
-                    mask = additive_mask(visible(i[n_cached:d + k], i[:d + k], prefix), dtype)
-                fed = (zs[:, n_cached:d + k], order[:, n_cached:d + k], mask)
-                if compile:  # contiguous copies: slices of larger tensors add stride guards, and so graphs
-                    fed = [t.contiguous() for t in fed]
-                h = net(*fed, caches, n_cached)[:, d - n_cached:]
-                # keep the clean tokens' keys/values; the masks' slots get overwritten by the next call. (A)'s
-                # diffusion phase keeps none: its clean tokens see each other, so each new one changes them all
-                n_cached = d if self.config.variant == "B" or d >= c_switch else 0
-            else:
-                h = self.diffusion_forward(zs, order, torch.full((B,), prefix, device=dev))[:, d:d + k]
-            logits = self.lm_head(h)  # (B, k, V) in the compute dtype; sample_tokens upcasts to float64
-            zs[:, d:d + k] = sample_tokens(logits, temperature, top_p, generator)
-            if return_logits:
-                logits_per_call.append(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+            feeds.append(Feed(n_cached, d, k, prefix))
+            n_cached = d if self.config.variant == "B" or d >= c_switch else 0  # the masks' slots are overwritten
             d += k
-        x = torch.empty_like(zs).scatter_(1, order, zs)
-        call = torch.repeat_interleave(torch.arange(len(ks) + 1), torch.tensor([L - n_gen] + ks)).to(dev)
-        return x, logits_per_call, torch.empty_like(zs).scatter_(1, order, call.expand(B, L))
+        return feeds
+
+    def decode(self, zs, order, ks, n_seq, pick, kv_cache=True, compile=False, keep_logits=False):
+        """Run the network calls of a plan (order, ks, n_seq) on zs (B, L), the sorted canvas, filling its masks in
+        place; pick(logits (B, k, V)) -> token ids (B, k). Returns the logits of each call if keep_logits."""
+        B, L = zs.shape
+        feeds = self.feeds(ks, n_seq)
+        if compile:  # the same calls, padded to a few static shapes and compiled: beside this file, not the lesson
+            from static_cache import StaticCalls
+            call = StaticCalls(self, zs, order, feeds)
+        elif kv_cache:
+            nh, C, i = self.config.n_head, self.config.n_embd, torch.arange(L, device=zs.device)
+            caches = [KVCache(B, nh, L, C // nh, self.compute_dtype(), zs.device) for _ in self.blocks]
+
+            def call(f):  # each fed token sees every cached key, and the fed ones up to itself ((A): its block too)
+                lo, hi = f.n_cached, f.d + f.k
+                return self(zs[:, lo:hi], order[:, lo:hi], visible(i[lo:hi], i[:hi], f.prefix), caches, lo)
+        kept = []
+        for f in feeds:
+            if kv_cache:
+                h = call(f)[:, f.d - f.n_cached:]
+            else:
+                h = self.diffusion_forward(zs, order, torch.full((B,), f.prefix, device=zs.device))[:, f.d:f.d + f.k]
+            logits = self.lm_head(h)  # (B, k, V) in the compute dtype; sample_tokens upcasts to float64
+            zs[:, f.d:f.d + f.k] = pick(logits)
+            if keep_logits:
+                kept.append(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        return kept if keep_logits else None
 
     def _prompt_template(self, prompt, B):
-        """(B, L) ids: the prompt padded with mask_id to length L; mask_id marks the positions to generate."""
+        """(B, L) ids: the prompt padded with the mask id to length L; the mask id marks the positions to generate."""
         L, V, dev = self.config.block_size, self.config.vocab_size, self.wte.weight.device
         if prompt is None:
             return torch.full((B, L), self.mask_id, device=dev)
-        if (not torch.is_tensor(prompt) or prompt.dtype != torch.long or prompt.dim() not in (1, 2)
-                or prompt.size(-1) > L or (prompt.dim() == 2 and prompt.size(0) != B)):
-            raise ValueError(f"prompt must be a LongTensor (T,) or ({B}, T) with T <= {L}, got "
-                             f"{(prompt.dtype, tuple(prompt.shape)) if torch.is_tensor(prompt) else type(prompt)}")
-        if prompt.numel() and (prompt.min() < 0 or prompt.max() > V):
-            raise ValueError(f"prompt holds ids outside [0, {V}] (the mask id {V} marks a position to generate)")
+        check(torch.is_tensor(prompt) and prompt.dtype == torch.long and prompt.dim() in (1, 2)
+              and prompt.size(-1) <= L and (prompt.dim() == 1 or prompt.size(0) == B), "prompt",
+              (prompt.dtype, tuple(prompt.shape)) if torch.is_tensor(prompt) else type(prompt).__name__,
+              f"must be a LongTensor (T,) or ({B}, T) with T <= {L}")
+        check(not prompt.numel() or (prompt.min() >= 0 and prompt.max() <= V), "prompt", "...",
+              f"holds ids outside [0, {V}] (the mask id {V} marks a position to generate)")
         z = F.pad(prompt.to(dev), (0, L - prompt.size(-1)), value=self.mask_id).expand(B, L).clone()
         n_gen = (z == self.mask_id).sum(1)
-        if (n_gen != n_gen[0]).any():
-            raise ValueError(f"every row of prompt must leave the same number of positions to generate (the rows "
-                             f"share one reveal schedule), got {n_gen.tolist()}")
+        check(bool((n_gen == n_gen[0]).all()), "prompt", "...", f"every row must leave the same number of positions "
+              f"to generate (the rows share one plan), got {n_gen.tolist()}")
         return z
 
     @classmethod
     def from_pretrained(cls, source, dtype=torch.float32, **overrides):
-        """One of the paper's published Eso-LM (B) models, exactly, in eval mode. source: a folder holding
-        model.safetensors and config.json, or a hub id such as "sahoo-diffusion/Eso-LM-B-alpha-1" (downloaded once
-        into $ESOLM_CACHE, default ~/.cache/esolm). The fold is computed in float64, then cast to `dtype`.
-        overrides: EsoLMConfig fields, e.g. block_size. See the last section of this file."""
-        return load_official(cls, source, dtype, overrides)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Running it: the device and precision of every script, and the checkpoints train.py writes
-
-def resolve_device(name="auto"):
-    """"auto" -> "cuda" when there is a GPU, else "cpu"; any other name is checked to exist here (ValueError)."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind, index = torch.device(name).type, torch.device(name).index
-    except RuntimeError:
-        kind, index = None, None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError("not a device this code runs on: use auto, cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"CUDA is not available on this machine (torch {torch.__version__}); use cpu or auto")
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-        raise ValueError(f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    return name
-
-
-DTYPES = ("auto", "bfloat16", "float32")  # the --dtype of every script
-SHARED_RULES = (  # settings that several scripts have, checked wherever a script has them
-    ("alpha0", lambda a: a is None or 0 <= a <= 1, "must be in [0, 1] (0: pure AR, 1: pure MDM)"),
-    ("seed", lambda s: s >= 0, "must be at least 0"),
-    ("dtype", lambda d: d in DTYPES, f"must be one of {', '.join(DTYPES)}"))
-
-
-def check_args(args, rules):
-    """A script's settings against their domains, before any work: rules are (key, ok, what is allowed), and the
-    first one that is not ok is a ValueError "--key=value: what is allowed". Returns the device (resolve_device)."""
-    shared = [(key, ok(getattr(args, key)), rule) for key, ok, rule in SHARED_RULES if hasattr(args, key)]
-    for key, ok, rule in [*shared, *rules]:
-        if not ok:
-            raise ValueError(f"--{key}={getattr(args, key)}: {rule}")
-    try:
-        return resolve_device(getattr(args, "device", "auto"))
-    except ValueError as e:
-        raise ValueError(f"--device={args.device}: {e}") from None
-
-
-def autocast(device, dtype="auto"):
-    """(context, name) of the compute precision: dtype "auto" is bfloat16 autocast on a GPU that has it, else
-    float32 (no autocast); "bfloat16" asks for autocast on any device (on a CPU it is emulated, slowly)."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
-        return contextlib.nullcontext(), dtype
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16), dtype
-
-
-CHECKPOINT_FORMAT = "esolm-checkpoint"  # the tag train.py writes into every checkpoint
-CHECKPOINT_KEYS = ("model", "ema", "optimizer", "iter_num", "best_val_loss", "model_config", "train_config",
-                   "dataset_meta")
-
-
-def load_checkpoint(path):
-    """A checkpoint of train.py, on the CPU: torch.load with weights_only=True, so a tampered pickle cannot run
-    code, then checked to be ours. Any problem is a ValueError that names it."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything beyond tensors and plain data, or a damaged file
-        raise ValueError(f"{path} is not a checkpoint of this project, or is damaged: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of this project (it has no {CHECKPOINT_FORMAT!r} tag)")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is damaged: it lacks {', '.join(missing)}")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, device="cpu", ema=True):
-    """The model of a checkpoint in eval mode: its EMA weights when they were saved and `ema` is True."""
-    model = EsoLM(EsoLMConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["ema"] if ema and ckpt["ema"] else ckpt["model"])
-    return model.to(device).eval()
-
-
-def load_model(out_dir, init_from="", device="cpu", ema=True):
-    """(model, checkpoint) a script runs: a published model (init_from: hub id or folder; checkpoint None), else
-    out_dir/ckpt.pt of train.py. A problem is a ValueError that names the setting."""
-    try:
-        if init_from:
-            return EsoLM.from_pretrained(init_from).to(device), None
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        return model_from_checkpoint(ckpt, device, ema), ckpt
-    except (ValueError, OSError) as e:  # OSError: a failed download
-        raise ValueError(f"--init_from={init_from}: {e}" if init_from else f"--out_dir={out_dir}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading the paper's published checkpoints (see README, "Use the paper's checkpoints")
-#
-# The authors' network is a DiT: after each LayerNorm comes adaLN, h * (1 + scale) + shift, and each residual
-# branch is multiplied by a gate, all computed from c = silu(sigma_map(sigma)). Eso-LMs always run at sigma = 0
-# (no time conditioning, §2), so c is one constant vector and so is every shift, scale and gate: they fold exactly
-# into LayerNorm weights and biases and into the residual projections. The DiT is then our backbone with bias=True
-# and gelu="tanh", and all of the above (masks, NELBO, KV cache) applies to it unchanged.
-
-HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"  # tests point it at a file:// folder
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def read_safetensors(path):
-    """{name: tensor} of a .safetensors file: an 8-byte little-endian header size N, N bytes of JSON
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": ...}, then the raw little-endian data."""
-    with open(path, "rb") as f:
-        raw = memoryview(f.read())
-    n = int.from_bytes(raw[:8], "little")
-    if len(raw) < 8 + n:
-        raise ValueError(f"{path}: truncated or not safetensors (header of {n} bytes, file of {len(raw)})")
-    header, data, tensors = json.loads(bytes(raw[8:8 + n])), raw[8 + n:], {}
-    header.pop("__metadata__", None)
-    for name, t in header.items():
-        (begin, end), dtype = t["data_offsets"], SAFETENSORS_DTYPES.get(t["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {t['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
-        if end > len(data) or end - begin != math.prod(t["shape"]) * dtype.itemsize:
-            raise ValueError(f"{path}: truncated: tensor {name!r} {t['shape']} needs bytes [{begin}, {end}) of "
-                             f"the {len(data)} stored")
-        tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).view(t["shape"])  # an aligned copy
-    return tensors
-
-
-def download(repo, file):
-    """Local path of `file` of the hub repository `repo`, downloaded on first use. It is written under a temporary
-    name and renamed once complete, so that an interrupted download is never mistaken for the file."""
-    path = os.path.join(os.environ.get("ESOLM_CACHE") or os.path.expanduser("~/.cache/esolm"),
-                        repo.replace("/", "--"), file)
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        url, part = HUB_URL.format(repo=repo, file=file), f"{path}.{os.getpid()}.part"  # one per process (torchrun)
-        try:
-            with (urllib.request.urlopen(url) as r, open(part, "wb") as f,
-                  tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                       desc=f"{repo}/{file}") as bar):
-                while chunk := r.read(1 << 20):
-                    bar.update(f.write(chunk))
-            if bar.total and bar.n != bar.total:  # urllib ends a cut-off body without an error
-                raise OSError(f"the connection closed after {bar.n} of {bar.total} bytes")
-            os.replace(part, path)
-        except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError are OSErrors
-            if os.path.exists(part):
-                os.remove(part)
-            raise OSError(f"could not download {url}: {e} (is {repo!r} a public hub id, or a folder?)") from None
-    return path
-
-
-def fold_official(sd, n_layer):
-    """Our backbone's state_dict from the DiT's: the constant adaLN vectors, computed once from c = silu(sigma_map(0))
-    in float64, multiplied into the weights they act on."""
-    def f64(key):  # the products below are formed in float64 and rounded once, to the model's dtype
-        return sd[key].double()
-
-    half = sd["sigma_map.mlp.0.weight"].size(1) // 2
-    t_freq = torch.cat([torch.ones(half), torch.zeros(half)]).double()  # [cos(0 * freq)] + [sin(0 * freq)]
-    c = F.silu(F.linear(t_freq, f64("sigma_map.mlp.0.weight"), f64("sigma_map.mlp.0.bias")))
-    c = F.silu(F.linear(c, f64("sigma_map.mlp.2.weight"), f64("sigma_map.mlp.2.bias")))  # the DiT applies silu again
-
-    def adaln(prefix, n):  # the n modulation vectors (C,) of one adaLN layer
-        return F.linear(c, f64(prefix + "adaLN_modulation.weight"), f64(prefix + "adaLN_modulation.bias")).chunk(n)
-
-    out = {"wte.weight": sd["vocab_embed.embedding"]}
-    for b in (f"blocks.{i}." for i in range(n_layer)):
-        shift1, scale1, gate1, shift2, scale2, gate2 = adaln(b, 6)
-        out |= {b + "ln_1.weight": f64(b + "norm1.weight") * (1 + scale1), b + "ln_1.bias": shift1,
-                b + "attn.c_attn.weight": sd[b + "attn_qkv.weight"],  # the same (three, heads, head size) layout
-                b + "attn.c_proj.weight": gate1[:, None] * f64(b + "attn_out.weight"),
-                b + "ln_2.weight": f64(b + "norm2.weight") * (1 + scale2), b + "ln_2.bias": shift2,
-                b + "mlp.c_fc.weight": sd[b + "mlp.0.weight"], b + "mlp.c_fc.bias": sd[b + "mlp.0.bias"],
-                b + "mlp.c_proj.weight": gate2[:, None] * f64(b + "mlp.2.weight"),
-                b + "mlp.c_proj.bias": gate2 * f64(b + "mlp.2.bias")}
-    shift, scale = adaln("output_layer.", 2)
-    # lm_head leaves out the mask's row (the last): the DiT sets that logit to -1e6, whose exp is exactly 0, so the
-    # softmax over the other rows is the same
-    return out | {"ln_f.weight": f64("output_layer.norm_final.weight") * (1 + scale), "ln_f.bias": shift,
-                  "lm_head.weight": sd["output_layer.linear.weight"][:-1],
-                  "lm_head.bias": sd["output_layer.linear.bias"][:-1]}
-
-
-def load_official(cls, source, dtype, overrides):
-    """EsoLM.from_pretrained: read, check, fold, build."""
-    paths = [os.path.join(source, f) if os.path.isdir(source) else download(source, f)
-             for f in ("config.json", "model.safetensors")]
-    with open(paths[0]) as f:
-        meta = json.load(f)
-    sd = {k.removeprefix("backbone."): v for k, v in read_safetensors(paths[1]).items()}  # the hub's wrapper adds it
-    for k in ("vocab_embed.embedding", "sigma_map.mlp.0.weight", "rotary_emb.inv_freq"):  # read for the config
-        if k not in sd:
-            raise ValueError(f"{paths[1]}: missing tensor {k!r}")
-    (rows, C), (cond, n_freq) = sd["vocab_embed.embedding"].shape, sd["sigma_map.mlp.0.weight"].shape
-    # config.json of the hub's files holds n_blocks, n_heads, model_length; a bare mixin save only mask_index and
-    # vocab_size: then the depth and head size come off the tensors (RoPE spans a head), and L is the paper's 1024
-    n_blocks = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    config = EsoLMConfig(**{"vocab_size": rows - 1, "n_embd": C, "n_layer": meta.get("n_blocks", n_blocks),
-                            "n_head": meta.get("n_heads", max(1, C // (2 * len(sd["rotary_emb.inv_freq"])))),
-                            "block_size": meta.get("model_length", 1024), "variant": "B", "bias": True, "gelu": "tanh",
-                            **overrides})
-    if meta.get("mask_index", rows - 1) != config.vocab_size:
-        raise ValueError(f"{paths[0]}: mask_index {meta['mask_index']} is not the last embedding row, "
-                         f"{config.vocab_size}, where this backbone keeps the mask")
-    R, hs = config.vocab_size + 1, C // config.n_head  # embedding and output rows: the tokens, then the mask
-    block = {"norm1.weight": (C,), "attn_qkv.weight": (3 * C, C), "attn_out.weight": (C, C), "norm2.weight": (C,),
-             "mlp.0.weight": (4 * C, C), "mlp.0.bias": (4 * C,), "mlp.2.weight": (C, 4 * C), "mlp.2.bias": (C,),
-             "adaLN_modulation.weight": (6 * C, cond), "adaLN_modulation.bias": (6 * C,)}
-    want = {"vocab_embed.embedding": (R, C), "sigma_map.mlp.0.weight": (cond, n_freq), "sigma_map.mlp.0.bias": (cond,),
-            "sigma_map.mlp.2.weight": (cond, cond), "sigma_map.mlp.2.bias": (cond,), "rotary_emb.inv_freq": (hs // 2,),
-            "output_layer.norm_final.weight": (C,), "output_layer.linear.weight": (R, C),
-            "output_layer.linear.bias": (R,), "output_layer.adaLN_modulation.weight": (2 * C, cond),
-            "output_layer.adaLN_modulation.bias": (2 * C,),
-            **{f"blocks.{i}.{k}": shape for i in range(config.n_layer) for k, shape in block.items()}}
-    for k in sorted(want.keys() | sd.keys()):
-        if k not in sd or k not in want:
-            raise ValueError(f"{paths[1]}: {'missing' if k not in sd else 'unexpected'} tensor {k!r} (an Eso-LM DiT "
-                             f"with {config.n_layer} blocks has {len(want)} tensors)")
-        if tuple(sd[k].shape) != want[k]:
-            raise ValueError(f"{paths[1]}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {want[k]}")
-    # Non-constant conditioning. When sigma is always 0, the columns of sigma_map's first layer that multiply
-    # sin(sigma * freq) only ever see zeros: no gradient, so they keep their nn.Linear init, within +-1/sqrt(fan_in)
-    # (weight decay only shrinks them). Training with time conditioning moves them out of that range, and such a
-    # model, folded at sigma = 0, would silently be a different model.
-    if sd["sigma_map.mlp.0.weight"][:, n_freq // 2:].abs().max() > 1 / math.sqrt(n_freq):
-        raise ValueError(f"{paths[1]}: the sin(sigma * freq) columns of sigma_map.mlp.0.weight were trained: a model "
-                         f"with time conditioning, whose adaLN is not constant, does not fold into this backbone")
-    model = cls(config).to(dtype)
-    model.load_state_dict(fold_official(sd, config.n_layer))
-    # RoPE as the DiT builds it, float32 angles from the stored inv_freq: the tables then match its own bit for bit
-    # (rope_tables' float64 angles differ by up to 4e-5 at L = 1024)
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), sd["rotary_emb.inv_freq"].float())
-    model.rope_cos.copy_(angles.cos())
-    model.rope_sin.copy_(angles.sin())
-    return model.eval()
+        """One of the paper's published Eso-LM (B) models, exactly, in eval mode: source is a folder holding
+        model.safetensors and config.json, or a hub id such as "sahoo-diffusion/Eso-LM-B-alpha-1" (downloaded once).
+        overrides: EsoLMConfig fields, e.g. block_size. The format and the fold are in pretrained.py."""
+        from pretrained import load_official  # beside this file: it imports EsoLM
+        return load_official(source, dtype, overrides)

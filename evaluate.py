@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import prepare_data
-from esolm import autocast, check_args, load_model
+from runtime import autocast, check_args, load_model
 
 # -----------------------------------------------------------------------------------------------------------
 # the pieces sample.py and sweep.py use
@@ -103,8 +103,7 @@ def plot_decoding(model, png, alpha0s=(1.0, 0.25, 0.0), seed=0):
     fig, axes = plt.subplots(1, len(alpha0s), figsize=(4 * len(alpha0s), 3.6), sharey=True)
     for ax, alpha0 in zip(np.atleast_1d(axes), alpha0s):
         generator = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
-        _, call = model.generate(1, alpha0, L, generator=generator, return_calls=True)
-        call = call[0].cpu().numpy()
+        call = model.generate(1, alpha0, L, generator=generator).calls[0].cpu().numpy()
         ax.scatter(np.arange(L), call, s=4)
         ax.set(title=f"alpha0 = {alpha0:g}: {call.max()} calls", xlabel="position in the sequence")
     np.atleast_1d(axes)[0].set_ylabel("network call that decoded it")

@@ -36,6 +36,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from esolm import SettingError, check
+
 # =====================================================================================================================
 # library, imported by the other scripts: DataError, tokenizers (get_tokenizer), read_shard, load_meta, check_writable
 
@@ -161,8 +163,8 @@ def parse_args(argv):
         args.name = Path(glob_root(args.input[0])).stem if args.input else "shakespeare"
 
     def need(ok, key, why):
-        if not ok:
-            raise DataError(f"--{key}={getattr(args, key)}: {why}")
+        check(ok, key, getattr(args, key), why)
+
     need(0 < args.val_fraction < 1, "val_fraction", "the fraction held out must be strictly between 0 and 1")
     need(args.shard_tokens >= 1, "shard_tokens", "tokens per shard must be at least 1")
     need(args.workers >= 1, "workers", "worker processes must be at least 1")
@@ -173,7 +175,7 @@ def parse_args(argv):
     try:
         check_writable(args.data_dir)
     except DataError as e:
-        need(False, "data_dir", e)
+        need(False, "data_dir", str(e))
     return args
 
 
@@ -198,8 +200,7 @@ def input_files(patterns):
         matches = sorted(glob.glob(pattern, recursive=True))
         found = matches + [str(p) for m in matches if os.path.isdir(m) for p in sorted(Path(m).rglob("*"))]
         found = [f for f in found if f.endswith((".txt", ".jsonl")) and os.path.isfile(f)]
-        if not found:
-            raise DataError(f"--input={pattern}: matched no .txt or .jsonl files")
+        check(found, "input", pattern, "matched no .txt or .jsonl files")
         for path in found:
             files.setdefault(os.path.abspath(path), Path(os.path.relpath(path, root)).as_posix())
     return sorted(files.items()), patterns  # sorted, so the output does not depend on the file system's order
@@ -298,6 +299,9 @@ def main(argv=None):
                     docs[split] += counts[split]
         for w in writers.values():
             w.close()
+        if not docs["train"] and not docs["val"]:
+            raise DataError(f"{' '.join(args.source) if args.input else args.source}: no text (every document is "
+                            "empty or blank)")
         if not docs["train"] or not docs["val"]:
             raise DataError(f"{docs['train']} train and {docs['val']} val documents with --val_fraction="
                             f"{args.val_fraction}; each split needs one: add documents or change --val_fraction")
@@ -326,5 +330,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:  # a problem the user can fix: one line, no traceback
+    except (DataError, SettingError) as e:  # a problem the user can fix: one line, no traceback
         raise SystemExit(f"prepare_data.py: {e}")

@@ -8,7 +8,9 @@ Sample from a checkpoint written by train.py, or from one of the paper's publish
     python sample.py --out_dir=out --infill="**ROMEO**
 [[60]]
 **JULIET**"                                                       # [[n]]: n tokens to generate there
+    python sample.py --out_dir=out --alpha0=1 --subcontext_len=16     # the paper's structured order: NFE 16
     python sample.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-0_25 --alpha0=0.25 --prompt="The"
+    python sample.py --explain                                    # the README's worked example, printed by the code
 
 Positions after the prompt or template are generated too. Each sample is cut at its first end-of-text token after
 the prompt (--no-cut_eot keeps the whole canvas). Each batch prints its number of network calls (NFE) and wall
@@ -23,7 +25,8 @@ import time
 import torch
 
 import prepare_data
-from esolm import autocast, check_args, load_model
+from esolm import EsoLM, EsoLMConfig, random_plan
+from runtime import autocast, check_args, load_model
 
 MASK_GLYPH = "\u2591"  # how --show draws a position that is still masked
 
@@ -69,6 +72,35 @@ def show(row, call, nfe, tokenizer):
             print(head + "\n" + canvas)
 
 
+def explain(L=8, alpha0=0.5, steps=4, seed=16):
+    """The README's worked example, printed by the code: Eso-LM (B) sampling L = 8 tokens at alpha0 = 0.5 with a
+    tiny random model (letters for tokens, _ for a mask), call by call: what each call feeds and decodes."""
+    torch.manual_seed(seed)
+    model = EsoLM(EsoLMConfig(vocab_size=26, block_size=L, n_layer=1, n_head=2, n_embd=16)).double()
+    letters = [chr(ord("a") + i) for i in range(26)] + ["_"]
+    out = model.generate(1, alpha0, steps, generator=torch.Generator().manual_seed(seed))
+    # the plan generate drew first from the same generator: the order, the tokens per call, the sequential calls
+    order, ks, n_seq = random_plan(torch.ones(1, L, dtype=torch.bool), alpha0, steps, torch.Generator().manual_seed(seed))
+    order, x, call = order[0].tolist(), out.x[0].tolist(), out.calls[0].tolist()
+    n_diffusion = L - n_seq
+    print(f"Eso-LM (B), L = {L}, alpha0 = {alpha0}, T = {steps} diffusion steps, a tiny random model (seed {seed})\n")
+    print(f"generation order: positions {' '.join(map(str, order[:n_diffusion]))} | "
+          f"{' '.join(map(str, order[n_diffusion:]))}")
+    print(f"  the diffusion phase decodes {n_diffusion} positions in a random order, then the sequential phase the "
+          f"other {n_seq} left to right")
+    print("sorted layout: slot i of the KV cache holds the i-th position of the order; RoPE rotates it by its position\n")
+    print("call  phase       k  decodes positions  feeds slots  n_cached  canvas after the call")
+    for i, f in enumerate(model.feeds(ks, n_seq)):
+        phase = "diffusion" if i < len(ks) - n_seq else "sequential"
+        canvas = "".join(letters[x[p]] if call[p] <= i + 1 else "_" for p in range(L))
+        decoded = " ".join(map(str, order[f.d:f.d + f.k]))
+        print(f"{i + 1:4d}  {phase:10s}  {f.k}  {decoded:17s}  [{f.n_cached}, {f.d + f.k})       {f.n_cached:<8d}  "
+              f"{canvas}")
+    z0 = "".join(letters[x[p]] if call[p] <= len(ks) - n_seq else "_" for p in range(L))
+    print(f"\nz0 (the canvas the sequential phase starts from): {z0}\nx  (the sample):                                 "
+          f"{''.join(letters[t] for t in x)}")
+
+
 def die(msg):
     raise SystemExit(f"sample.py: {msg}")
 
@@ -81,6 +113,9 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=0, help="samples per call of generate (0: all at once)")
     parser.add_argument("--alpha0", type=float, default=None, help="default: the value the model trained with")
     parser.add_argument("--steps", type=int, default=0, help="diffusion steps T (0: block_size)")
+    parser.add_argument("--subcontext_len", type=int, default=0,
+                        help="S: the structured order, call j decodes offset j of every length-S chunk (0: random)")
+    parser.add_argument("--subcontext_shuffle", action="store_true", help="the offsets, and each call, in random order")
     parser.add_argument("--temperature", type=float, default=0.8, help="as nanoGPT's sample.py; 1: the model's own")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling, as the paper's samples; 1: off")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,18 +124,23 @@ def main(argv=None):
     parser.add_argument("--show", action="store_true", help="watch sample 1 decode: the canvas after each network call")
     parser.add_argument("--cut_eot", action=argparse.BooleanOptionalAction, default=True,
                         help="cut each sample at its first end-of-text token after the prompt")
-    parser.add_argument("--kv_cache", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the cached calls")
+    parser.add_argument("--kv_cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: on, off for MDLM (which has none); --no-kv_cache: the uncached reference")
+    parser.add_argument("--compile", action="store_true", help="the cached calls as static-shape compiled graphs")
+    parser.add_argument("--explain", action="store_true", help="print the worked example of the README and exit")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use the EMA weights if saved")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it), bfloat16 or float32")
     args = parser.parse_args(argv)
+    if args.explain:
+        return explain()
     try:  # every setting is checked here, before the model is read
         device = check_args(args, (
             ("num_samples", args.num_samples >= 1, "must be at least 1"),
             ("batch_size", args.batch_size >= 0, "must be at least 1, or 0 for all samples at once"),
             ("steps", args.steps >= 0, "must be at least 1, or 0 for block_size"),
+            ("subcontext_len", args.subcontext_len >= 0, "must be at least 1, or 0 for the random order"),
             ("temperature", args.temperature >= 0, "must be at least 0 (0: greedy)"),
             ("top_p", 0 < args.top_p <= 1, "must be in (0, 1] (1: no nucleus filter)"),
             ("infill", not (args.prompt and args.infill), "give --prompt or --infill, not both")))
@@ -128,27 +168,23 @@ def main(argv=None):
         prompt = torch.tensor(ids, dtype=torch.long, device=device)
     generated = [i >= len(ids) or ids[i] == model.mask_id for i in range(config.block_size)]  # not given
 
-    nfe = 0
-
-    def count_call(*_):
-        nonlocal nfe
-        nfe += 1
-
-    model.register_forward_hook(count_call)  # one network call (NFE) per forward of the whole model
     generator = torch.Generator(device=device).manual_seed(args.seed)
     amp, dtype = autocast(device, args.dtype)
     print(f"{source}, variant {config.variant}, L = {config.block_size}; sampling alpha0={alpha0}, steps={steps}, "
-          f"temperature={args.temperature}, top_p={args.top_p}, kv_cache={args.kv_cache}, {dtype}")
+          f"temperature={args.temperature}, top_p={args.top_p}, kv_cache={'default' if args.kv_cache is None else args.kv_cache}, {dtype}"
+          + (f", subcontext_len={args.subcontext_len}{' shuffled' if args.subcontext_shuffle else ''}"
+             if args.subcontext_len else ""))
     batch_size = args.batch_size or args.num_samples
     texts, n_cut = [], 0
     for first in range(0, args.num_samples, batch_size):
         n = min(batch_size, args.num_samples - first)
-        nfe, t0 = 0, time.time()
+        t0 = time.time()
         try:
             with amp:
-                x, call = model.generate(n, alpha0, steps, temperature=args.temperature, top_p=args.top_p,
-                                         prompt=prompt, kv_cache=args.kv_cache, generator=generator,
-                                         compile=args.compile, return_calls=True)
+                x, call, nfe, _ = model.generate(
+                    n, alpha0, steps, temperature=args.temperature, top_p=args.top_p, prompt=prompt,
+                    subcontext_len=args.subcontext_len, subcontext_shuffle=args.subcontext_shuffle,
+                    kv_cache=args.kv_cache, compile=args.compile, generator=generator)
         except ValueError as e:
             die(e)
         if device.startswith("cuda"):

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from esolm import autocast, load_model, resolve_device
+from runtime import autocast, load_model, resolve_device
 from evaluate import corpus_word_rate, held_out_windows, mean_se, per_token, training_words
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,7 +111,7 @@ for alpha0 in alpha0s:
             for steps in (s for s in args.gen_steps if s <= L):
                 gen = fixed_noise()
                 t0 = time.time()
-                samples = model.generate(args.num_samples, alpha0, steps, generator=gen)
+                samples = model.generate(args.num_samples, alpha0, steps, generator=gen).x
                 row[f"gen_seconds_T{steps}"] = time.time() - t0
                 row[f"gen_nll_T{steps}"], row[f"gen_nll_T{steps}_se"] = mean_se(
                     per_token(lambda b: scorer.nelbo(b, 0.0), samples))

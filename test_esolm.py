@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import esolm
-from esolm import (EPS, EsoLM, EsoLMConfig, KVCache, alpha_t, apply_rope, diffusion_mask, generation_order, mdm_weight,
+import pretrained
+from dit_reference import official_logits, official_state_dict, save_official
+from esolm import (EPS, EsoLM, EsoLMConfig, KVCache, alpha_t, apply_rope, diffusion_mask, mdm_weight, random_plan,
                    reveal_schedule, rope_tables, sample_tokens, sequential_mask, stratified_t)
 
 V, L = 13, 12
@@ -33,8 +35,10 @@ def sharp_model(variant, dtype=torch.float64, vocab_size=V, block_size=L, seed=0
 
 
 def gen(model, seed, **kw):
+    """(x, the logits of each call) of a seeded generate."""
     device = model.wte.weight.device
-    return model.generate(generator=torch.Generator(device).manual_seed(seed), return_logits=True, **kw)
+    out = model.generate(generator=torch.Generator(device).manual_seed(seed), return_logits=True, **kw)
+    return out.x, out.logits
 
 
 # the parity tests run on every device there is: the CPU always, CUDA when this machine has it
@@ -53,9 +57,9 @@ def no_tf32():
 
 def replay_schedule(seed, model, n_gen, alpha0, steps, to_gen):
     """The reveal schedule and generation order that generate() draws first from a generator seeded `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    k, n_seq = reveal_schedule(n_gen, alpha0, steps, "cpu", g)
-    return k, n_seq, generation_order(to_gen, n_gen - n_seq, g)
+    order, ks, n_seq = random_plan(to_gen, alpha0, steps, torch.Generator().manual_seed(seed))
+    assert int(to_gen[0].sum()) == n_gen
+    return ks[:len(ks) - n_seq], n_seq, order
 
 
 PROMPTS = {
@@ -200,9 +204,11 @@ def test_sampler_keeps_cudnn_attention_off(monkeypatch):
 
 def test_rows_use_different_orders():
     to_gen = torch.ones(4, L, dtype=torch.bool)
-    order = generation_order(to_gen, 6, torch.Generator().manual_seed(0))
-    assert len({tuple(r) for r in order[:, :6].tolist()}) == 4
-    assert torch.equal(order[:, 6:], order[:, 6:].sort(1).values)  # the sequential phase goes left to right
+    order, _, n_seq = random_plan(to_gen, 0.5, 4, torch.Generator().manual_seed(0))
+    n = L - n_seq  # the diffusion positions
+    assert n >= 4 and n_seq >= 2
+    assert len({tuple(r) for r in order[:, :n].tolist()}) == 4
+    assert torch.equal(order[:, n:], order[:, n:].sort(1).values)  # the sequential phase goes left to right
     assert torch.equal(order.sort(1).values, torch.arange(L).expand(4, L))  # each row is a permutation
 
 
@@ -286,7 +292,10 @@ def test_masks_equal_brute_force(variant, L_):
     for b, c in enumerate(n_clean.tolist()):
         assert got[b, 0].tolist() == brute_diffusion(L_, c, variant)
     M = L_ - int(n_clean.min())
-    got = sequential_mask(n_clean, M, L_, variant)
+    z_mask, x_mask = sequential_mask(n_clean, M, L_, variant)
+    # the whole [z ; x] mask the forward applies: x-queries never see z, and (B)'s x_mask None is causal
+    x_mask = torch.ones(L_, L_, dtype=torch.bool).tril().expand(L_ + 1, 1, L_, L_) if x_mask is None else x_mask
+    got = torch.cat([z_mask, torch.cat([torch.zeros(L_ + 1, 1, L_, M, dtype=torch.bool), x_mask], 3)], 2)
     for b, c in enumerate(n_clean.tolist()):
         full = brute_sequential(L_, c, variant)
         for r in range(M):
@@ -602,102 +611,8 @@ def test_bad_config_raises():
 OV, OC, OL = 11, 32, 16  # vocabulary (the mask is id OV, the last embedding row), width, length of the tiny DiT
 
 
-def write_safetensors(path, tensors):
-    """The safetensors format: an 8-byte little-endian header size, a JSON header, then the raw bytes."""
-    codes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in tensors.items():
-        blob = t.contiguous().flatten().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # the official writer pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
-
-
-def official_state_dict(n_layer=2, n_head=2, cond=8, seed=0, V=OV, C=OC):
-    """A DiT state_dict with the official keys and random values everywhere (the official code starts the adaLN
-    layers and the output layer at zero, which would hide a wrong fold); tiny by default, V tokens plus the mask and
-    width C. The sin(t * freq) half of sigma_map's input stays in its nn.Linear init range, as in any model without
-    time conditioning."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, std=0.4):
-        return torch.randn(shape, generator=g) * std
-
-    hs = C // n_head
-    sd = {"vocab_embed.embedding": r(V + 1, C, std=1.0),
-          "sigma_map.mlp.0.weight": torch.cat([r(cond, 128), (torch.rand(cond, 128, generator=g) * 2 - 1) / 16], 1),
-          "sigma_map.mlp.0.bias": r(cond), "sigma_map.mlp.2.weight": r(cond, cond), "sigma_map.mlp.2.bias": r(cond),
-          "rotary_emb.inv_freq": 1.0 / (10000 ** (torch.arange(0, hs, 2).float() / hs))}
-    for i in range(n_layer):
-        sd |= {f"blocks.{i}.norm1.weight": 1 + r(C), f"blocks.{i}.attn_qkv.weight": r(3 * C, C),
-               f"blocks.{i}.attn_out.weight": r(C, C), f"blocks.{i}.norm2.weight": 1 + r(C),
-               f"blocks.{i}.mlp.0.weight": r(4 * C, C), f"blocks.{i}.mlp.0.bias": r(4 * C),
-               f"blocks.{i}.mlp.2.weight": r(C, 4 * C, std=0.2), f"blocks.{i}.mlp.2.bias": r(C),
-               f"blocks.{i}.adaLN_modulation.weight": r(6 * C, cond), f"blocks.{i}.adaLN_modulation.bias": r(6 * C)}
-    return sd | {"output_layer.norm_final.weight": 1 + r(C), "output_layer.linear.weight": r(V + 1, C),
-                 "output_layer.linear.bias": r(V + 1), "output_layer.adaLN_modulation.weight": r(2 * C, cond),
-                 "output_layer.adaLN_modulation.bias": r(2 * C)}
-
-
-def save_official(folder, sd, meta=None):
-    """As a bare PyTorchModelHubMixin save: config.json holds only the mask id and the embedding rows."""
-    os.makedirs(folder, exist_ok=True)
-    write_safetensors(os.path.join(folder, "model.safetensors"), sd)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(meta or {"mask_index": OV, "vocab_size": OV + 1}, f)
-    return str(folder)
-
-
 def load_tiny(folder, **overrides):
     return EsoLM.from_pretrained(folder, dtype=torch.float64, **{"n_head": 2, "block_size": OL, **overrides})
-
-
-def official_logits(sd, idx, pos, allowed):
-    """The official EsoLMDiT forward, in float64: logits (B, T, V + 1) with the mask's logit at -1e6. idx, pos (B, T):
-    ids and original positions in sorted order; allowed (B, T, T): True where query i may attend to key j."""
-    W = {k.removeprefix("backbone."): v.double() for k, v in sd.items()}
-    inv_freq = sd[next(k for k in sd if k.endswith("rotary_emb.inv_freq"))].float()  # a float32 buffer in the DiT
-    B, T = idx.shape
-    C, hs = W["vocab_embed.embedding"].size(1), 2 * inv_freq.numel()
-    # conditioning: the timestep embedder at t = 0 (frequency embedding [cos(t f), sin(t f)], MLP), then silu
-    half = W["sigma_map.mlp.0.weight"].size(1) // 2
-    args = torch.zeros(1, 1) * torch.exp(-math.log(10000) * torch.arange(half) / half)
-    t_freq = torch.cat([args.cos(), args.sin()], -1).double()
-    c = F.silu(F.silu(t_freq @ W["sigma_map.mlp.0.weight"].T + W["sigma_map.mlp.0.bias"])
-               @ W["sigma_map.mlp.2.weight"].T + W["sigma_map.mlp.2.bias"])[0]
-    # rotary: float32 angles of positions 0..L-1, duplicated over the two halves of the head, gathered at pos
-    angles = torch.einsum("i,j->ij", torch.arange(OL).float(), inv_freq)
-    emb = torch.cat([angles, angles], -1)
-    cos, sin = (f(emb).double()[pos][:, None] for f in (torch.cos, torch.sin))  # (B, 1, T, hs)
-
-    def rotary(t):  # t * cos + rotate_half(t) * sin
-        return t * cos + torch.cat([-t[..., hs // 2:], t[..., :hs // 2]], -1) * sin
-
-    def norm(x, w):  # the DiT's LayerNorm: no bias, eps 1e-5, weight applied after normalising
-        return F.layer_norm(x, (C,), eps=1e-5) * w
-
-    x = W["vocab_embed.embedding"][idx]
-    for i in range(1 + max(int(k.split(".")[1]) for k in W if k.startswith("blocks."))):
-        w = {k.removeprefix(f"blocks.{i}."): v for k, v in W.items() if k.startswith(f"blocks.{i}.")}
-        shift1, scale1, gate1, shift2, scale2, gate2 = (w["adaLN_modulation.weight"] @ c
-                                                        + w["adaLN_modulation.bias"]).chunk(6)
-        h = norm(x, w["norm1.weight"]) * (1 + scale1) + shift1
-        q, k, v = (h @ w["attn_qkv.weight"].T).view(B, T, 3, C // hs, hs).permute(2, 0, 3, 1, 4)
-        scores = rotary(q) @ rotary(k).transpose(-1, -2) / math.sqrt(hs)
-        y = (scores.masked_fill(~allowed[:, None], -math.inf).softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
-        x = x + gate1 * (y @ w["attn_out.weight"].T)
-        h = norm(x, w["norm2.weight"]) * (1 + scale2) + shift2
-        h = F.gelu(h @ w["mlp.0.weight"].T + w["mlp.0.bias"], approximate="tanh")
-        x = x + gate2 * (h @ w["mlp.2.weight"].T + w["mlp.2.bias"])
-    shift, scale = (W["output_layer.adaLN_modulation.weight"] @ c + W["output_layer.adaLN_modulation.bias"]).chunk(2)
-    h = norm(x, W["output_layer.norm_final.weight"]) * (1 + scale) + shift
-    logits = h @ W["output_layer.linear.weight"].T + W["output_layer.linear.bias"]
-    logits[..., OV] = -1e6  # the mask is never predicted
-    return logits
 
 
 def assert_matches_official(ours, ref, tol=1e-10):
@@ -768,7 +683,7 @@ def test_official_cached_sampler(official, alpha0, steps):
     model = load_tiny(folder)
     per_call = []
     hook = model.lm_head.register_forward_hook(lambda module, inputs, out: per_call.append(out))
-    x = model.generate(2, alpha0, steps, generator=torch.Generator().manual_seed(3))
+    x = model.generate(2, alpha0, steps, generator=torch.Generator().manual_seed(3)).x
     hook.remove()
     k, n_seq, order = replay_schedule(3, model, OL, alpha0, steps, torch.ones(2, OL, dtype=torch.bool))
     assert len(per_call) == len(k) + n_seq and (n_seq == 0 if alpha0 == 1 else k == [])
@@ -818,7 +733,7 @@ def test_safetensors_dtypes_and_backbone_prefix(tmp_path):
     sd = {f"backbone.{k}": v.to(next(dtypes)) for k, v in official_state_dict().items()}
     meta = {"mask_index": OV, "vocab_size": OV + 1, "n_blocks": 2, "n_heads": 2, "model_length": OL, "cond_dim": 8}
     folder = save_official(tmp_path, sd, meta)
-    back = esolm.read_safetensors(os.path.join(folder, "model.safetensors"))
+    back = pretrained.read_safetensors(os.path.join(folder, "model.safetensors"))
     assert list(back) == list(sd) and all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in sd.items())
     model = EsoLM.from_pretrained(folder, dtype=torch.float64)
     assert model.config.block_size == OL and model.config.n_head == 2
@@ -831,11 +746,11 @@ def test_safetensors_dtypes_and_backbone_prefix(tmp_path):
 def test_from_pretrained_downloads_once_and_explains_failures(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     save_official(hub / "someone" / "tiny-esolm", official_state_dict())
-    monkeypatch.setattr(esolm, "HUB_URL", hub.as_uri() + "/{repo}/{file}")
+    monkeypatch.setattr(pretrained, "HUB_URL", hub.as_uri() + "/{repo}/{file}")
     monkeypatch.setenv("ESOLM_CACHE", str(tmp_path / "cache"))
     first = load_tiny("someone/tiny-esolm")
     assert sorted(os.listdir(tmp_path / "cache" / "someone--tiny-esolm")) == ["config.json", "model.safetensors"]
-    monkeypatch.setattr(esolm, "HUB_URL", (tmp_path / "gone").as_uri() + "/{repo}/{file}")  # a download would fail
+    monkeypatch.setattr(pretrained, "HUB_URL", (tmp_path / "gone").as_uri() + "/{repo}/{file}")  # a download would fail
     again = load_tiny("someone/tiny-esolm")
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
     with pytest.raises(OSError, match="could not download .*someone/no-such-model") as e:
@@ -860,9 +775,9 @@ def test_cut_off_download_is_not_kept(tmp_path, monkeypatch):
     try:
         monkeypatch.setenv("no_proxy", "127.0.0.1")
         monkeypatch.setenv("ESOLM_CACHE", str(tmp_path))
-        monkeypatch.setattr(esolm, "HUB_URL", f"http://127.0.0.1:{server.server_port}/{{repo}}/{{file}}")
+        monkeypatch.setattr(pretrained, "HUB_URL", f"http://127.0.0.1:{server.server_port}/{{repo}}/{{file}}")
         with pytest.raises(OSError, match="400 of 1000 bytes"):
-            esolm.download("someone/tiny-esolm", "model.safetensors")
+            pretrained.download("someone/tiny-esolm", "model.safetensors")
         assert os.listdir(tmp_path / "someone--tiny-esolm") == []  # neither the file nor its partial download
     finally:
         server.shutdown()

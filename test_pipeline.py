@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import prepare_data
-from esolm import EsoLM, EsoLMConfig
+from dit_reference import official_state_dict, save_official
+from esolm import EsoLM, EsoLMConfig, SettingError
 from evaluate import corpus_word_rate, words
 from prepare_data import DataError, ShardWriter, get_tokenizer, load_meta, read_shard
 
@@ -165,11 +166,11 @@ def test_gpt2(corpus, tmp_path):
 
 def test_errors_fail_before_writing(tmp_path, monkeypatch):
     data = tmp_path / "data"
-    with pytest.raises(DataError, match=r"--input=.*nothing\*\.txt: matched no \.txt or \.jsonl files"):
+    with pytest.raises(SettingError, match=r"--input=.*nothing\*\.txt: matched no \.txt or \.jsonl files"):
         prepare_data.main(["--input", str(tmp_path / "nothing*.txt"), "--name", "x", "--data_dir", str(data)])
     with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'; choose one of bytes, gpt2"):
         get_tokenizer("sentencepiece")
-    with pytest.raises(DataError, match="--tokenizer=sentencepiece: unknown tokenizer; choose bytes or gpt2"):
+    with pytest.raises(SettingError, match="--tokenizer=sentencepiece: unknown tokenizer; choose bytes or gpt2"):
         prepare_data.main(["--tokenizer", "sentencepiece", "--data_dir", str(data)])
 
     def offline(name):  # what tiktoken does without network and without the BPE in its cache
@@ -240,7 +241,7 @@ def test_interrupt_leaves_dataset_intact(corpus, tmp_path, monkeypatch, where):
 
 
 @pytest.mark.parametrize("files, message", [
-    ({"e.txt": "", "s.txt": " \n"}, "0 train and 0 val documents with --val_fraction=0.5; each split needs one"),
+    ({"e.txt": "", "s.txt": " \n"}, r": no text \(every document is empty or blank\)"),
     ({"only.txt": "one document"}, "(1 train and 0 val|0 train and 1 val) documents with --val_fraction=0.5"),
     ({"ok.txt": "fine", "bad.jsonl": '{"text": "a"}\n{"text": "b"}\n{"txt": "c"}\n'},
      r"bad\.jsonl:3: expected a JSON object with a string \"text\" field"),
@@ -356,7 +357,6 @@ def test_resume_repeats_the_uninterrupted_run(tiny_data):
 def test_fine_tune_a_published_model(tiny_data, tmp_path):
     """--init_from=<a folder in the paper's format>: the run starts from its folded weights, keeps its shape, biases
     and tanh GELU (L may change), and its checkpoint resumes and samples like any other."""
-    from test_esolm import official_state_dict, save_official
     folder = save_official(tmp_path / "published", official_state_dict(n_layer=1, V=256),
                            {"mask_index": 256, "vocab_size": 257, "n_blocks": 1, "n_heads": 2, "model_length": 32})
     out = tmp_path / "out"
@@ -586,12 +586,11 @@ def test_evaluate_reports_likelihoods_with_standard_errors(tiny_data, trained):
 
 
 def test_sample_and_evaluate_a_published_model_folder(tmp_path):
-    """--init_from with a folder in the paper's format (a tiny random one, written by test_esolm's helpers)."""
+    """--init_from with a folder in the paper's format (a tiny random one, written by dit_reference.py)."""
     try:
         get_tokenizer("gpt2")
     except DataError as e:
         pytest.skip(f"the published models use GPT-2 tokens, and tiktoken's r50k_base BPE is not available: {e}")
-    from test_esolm import official_state_dict, save_official
     folder = save_official(tmp_path / "published", official_state_dict(),
                            {"mask_index": 11, "vocab_size": 12, "n_heads": 2, "model_length": 16})
     p = run("sample.py", f"--init_from={folder}", "--alpha0=1", "--steps=4", "--num_samples=2",

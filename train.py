@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from esolm import (CHECKPOINT_FORMAT, DTYPES, H100_BF16_FLOPS, LOSS_TYPES, EsoLM, EsoLMConfig, autocast,
-                   load_checkpoint, load_model, resolve_device)
+from esolm import LOSS_TYPES, EsoLM, EsoLMConfig, check
+from runtime import DTYPES, H100_BF16_FLOPS, autocast, load_checkpoint, load_model, resolve_device, save_checkpoint
 
 
 def setting(default, help):
@@ -45,14 +45,15 @@ class TrainConfig:
     # the method
     alpha0: float = setting(0.25, "fraction of tokens the diffusion phase unmasks: 1 = pure MDM, 0 = pure AR")
     batch_split: float = setting(0.5, "fraction of each batch that estimates the MDM term, the rest the AR term")
-    variant: str = setting("B", '"B" (KV cache in both phases) or "A" (bidirectional clean tokens)')
+    variant: str = setting("B", '"B" (KV cache in both phases), "A" (bidirectional clean tokens) or "MDLM" (the '
+                           'baseline: bidirectional everywhere, alpha0 = 1)')
     loss_type: str = setting("elbo", '"elbo" or "low_var" (unweighted MDM term, as the paper\'s alpha0 = 1 runs)')
     # model
     block_size: int = setting(256, "L, the sequence length")
     n_layer: int = setting(6, "transformer blocks")
     n_head: int = setting(6, "attention heads; n_embd / n_head must be even (RoPE)")
     n_embd: int = setting(384, "width")
-    dropout: float = setting(0.1, "on the residual branches, the embedding and attention")
+    dropout: float = setting(0.1, "on the two residual branches of each block, as the paper's network")
     # optimisation (the paper: AdamW 3e-4, betas (0.9, 0.999), no weight decay, clip 1.0, constant LR after warmup)
     batch_size: int = setting(64, "sequences per micro-step and process")
     gradient_accumulation_steps: int = setting(1, "micro-steps per iteration, summed over all processes")
@@ -66,7 +67,8 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW")
     beta2: float = setting(0.999, "AdamW")
     grad_clip: float = setting(1.0, "clip the gradient's norm to this; 0: off")
-    ema: float = setting(0.0, "decay of an exponential moving average of the weights (paper: 0.9999); 0: off")
+    ema: float = setting(0.0, "EMA of the weights, decay min(ema, (1 + n) / (10 + n)) at update n (paper: 0.9999); "
+                         "0: off")
     # evaluation and logging
     eval_interval: int = setting(500, "evaluate and save a checkpoint every this many iterations, and at the end")
     eval_iters: int = setting(20, "batches per split, the same windows and noise at every evaluation")
@@ -81,19 +83,18 @@ class TrainConfig:
     def __post_init__(self):
         """Each setting's domain, checked before anything is read or written: a bad value is one line naming it."""
         def need(ok, key, rule):
-            if not ok:
-                raise ValueError(f"--{key}={getattr(self, key)}: {rule}")
+            check(ok, key, getattr(self, key), rule)
 
         for f in fields(self):
             if f.type is float:
                 need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
         need(self.init_from in ("scratch", "resume") or published(self.init_from), "init_from",
              'must be "scratch", "resume", or a published model: a hub id owner/name or a folder')
-        for key, allowed in (("loss_type", LOSS_TYPES),
-                             ("lr_schedule", ("cosine", "constant")), ("dtype", DTYPES)):
+        for key, allowed in (("loss_type", LOSS_TYPES), ("lr_schedule", ("cosine", "constant")), ("dtype", DTYPES)):
             need(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")
         need(self.dataset and "/" not in self.dataset, "dataset", "must be the name of a folder in data_dir")
         need(0 <= self.alpha0 <= 1, "alpha0", "must be in [0, 1] (0: pure AR, 1: pure MDM)")
+        need(self.alpha0 == 1 or self.variant != "MDLM", "alpha0", "variant MDLM is a pure MDM: alpha0 = 1 only")
         need(0 < self.batch_split < 1 or self.alpha0 in (0, 1), "batch_split",
              "must be in (0, 1) when 0 < alpha0 < 1: each batch feeds both terms of the NELBO")
         for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
@@ -111,15 +112,12 @@ class TrainConfig:
         world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
         need(self.gradient_accumulation_steps % world_size == 0, "gradient_accumulation_steps",
              f"must be a multiple of the number of processes ({world_size})")
-        for key, check in (("device", resolve_device), ("out_dir", prepare_data.check_writable)):
-            try:
-                check(getattr(self, key))
-            except ValueError as e:
-                need(False, key, str(e))
+        resolve_device(self.device)
         try:
-            EsoLMConfig(**self.model_args())  # the model's own checks: sizes, dropout, variant
-        except ValueError as e:
-            raise ValueError(f"--{e}") from None
+            prepare_data.check_writable(self.out_dir)
+        except prepare_data.DataError as e:
+            need(False, "out_dir", str(e))
+        EsoLMConfig(**self.model_args())  # the model's own checks: sizes, dropout, variant
 
     def model_args(self, vocab_size=256):
         return dict(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
@@ -374,15 +372,6 @@ def get_lr(it):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def save_checkpoint():
-    ckpt = {"format": CHECKPOINT_FORMAT, "version": 1, "model": model.state_dict(),
-            "ema": ema_model.state_dict() if ema_model else None, "optimizer": optimizer.state_dict(),
-            "iter_num": iter_num, "best_val_loss": best_val, "model_config": asdict(model_config),
-            "train_config": asdict(cfg), "dataset_meta": meta, "rng": {"seed": cfg.seed, "scheme": "seed_for"}}
-    torch.save(ckpt, ckpt_path + ".tmp")
-    os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash mid-write leaves the previous checkpoint
-
-
 def log(record):
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -416,7 +405,10 @@ while True:
             if not math.isfinite(losses["val"]):
                 die(f"validation NELBO is {losses['val']} at iteration {iter_num}; {ckpt_path} left as it was")
             best_val = min(best_val, losses["val"])
-            save_checkpoint()
+            save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema_model.state_dict() if ema_model else None,
+                            optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val,
+                            model_config=asdict(model_config), train_config=asdict(cfg), dataset_meta=meta,
+                            rng={"seed": cfg.seed, "scheme": "seed_for"})
         t_last += time.time() - t_eval  # ms/iter counts training only
     if iter_num >= cfg.max_iters:
         break
@@ -437,8 +429,9 @@ while True:
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if ema_model:
-        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - cfg.ema)
+    if ema_model:  # warm-up, as the official code: early on the average forgets the random init quickly
+        decay = min(cfg.ema, (1 + iter_num) / (10 + iter_num))  # from the iteration: a resume repeats it exactly
+        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
     nonfinite |= ~torch.isfinite(terms.sum())
     iter_num += 1
     iters_since += 1

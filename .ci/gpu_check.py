@@ -168,7 +168,7 @@ if "bench" not in args.skip:
 
 if "official" not in args.skip:
     sys.path.insert(0, ROOT)
-    from test_esolm import official_state_dict, save_official  # the tests' writer of the authors' format
+    from dit_reference import official_state_dict, save_official  # a checkpoint in the authors' format
     V, size = (256, dict(n_layer=1, n_head=2, C=32)) if args.smoke else (50257, dict(n_layer=12, n_head=12, C=768))
     folder = os.path.join(out, "official")
     save_official(folder, official_state_dict(V=V, cond=128, **size),
