@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import esolm
 import pretrained
+import static_cache
 from dit_reference import official_logits, official_state_dict, save_official
 from esolm import (EPS, EsoLM, EsoLMConfig, KVCache, alpha_t, apply_rope, diffusion_mask, mdm_weight, random_plan,
                    reveal_schedule, rope_tables, sample_tokens, sequential_mask, stratified_t)
@@ -67,6 +68,7 @@ PROMPTS = {
     "prefix": torch.tensor([3, 1, 4, 1]),
     "infill": torch.tensor([2, 7, V, V, 1, V, 8, V, V, V, 0, V]),  # V = mask_id: generate these
 }
+ORDERS = {"random": {}, "subcontext": {"subcontext_len": 4, "subcontext_shuffle": True}}  # generate's plans
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,12 +92,13 @@ def test_rope_scores_depend_only_on_relative_position():
 @pytest.mark.parametrize("variant", ["A", "B"])
 @pytest.mark.parametrize("alpha0,steps", [(0, 4), (0.25, 8), (1, 12), (0.7, 3)])
 @pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("order", list(ORDERS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("device", DEVICES)
-def test_cached_equals_uncached(variant, alpha0, steps, prompt, dtype, tol, device, no_tf32):
+def test_cached_equals_uncached(variant, alpha0, steps, prompt, order, dtype, tol, device, no_tf32):
     model = sharp_model(variant, dtype).to(device)
     p = PROMPTS[prompt]
-    kw = dict(num_samples=3, alpha0=alpha0, steps=steps, prompt=None if p is None else p.to(device))
+    kw = dict(num_samples=3, alpha0=alpha0, steps=steps, prompt=None if p is None else p.to(device), **ORDERS[order])
     x1, logits1 = gen(model, 5, kv_cache=True, **kw)
     x2, logits2 = gen(model, 5, kv_cache=False, **kw)
     assert torch.equal(x1, x2)
@@ -180,6 +183,61 @@ def test_compiled_sampler_compiles_a_few_graphs():
     for alpha0 in (1.0, 0.25):
         model.generate(2, alpha0, 64, compile=True, generator=torch.Generator().manual_seed(0))
     assert counters["stats"]["unique_graphs"] <= 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The static-shape cached call (static_cache.py): the eager call's numbers, at a few shapes
+
+def uncompiled_static_path(monkeypatch):
+    """generate(compile=True) with torch.compile left out: the static layout itself, run eagerly."""
+    monkeypatch.setattr(static_cache.torch, "compile", lambda module, **kw: module)
+    calls = []
+    update = static_cache.SlotCache.update
+    monkeypatch.setattr(static_cache.SlotCache, "update", lambda self, *a: calls.append(1) or update(self, *a))
+    return calls
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("alpha0,steps", [(0.7, 3), (0.25, 12)])
+def test_static_call_equals_eager(variant, prompt, order, alpha0, steps, monkeypatch):
+    """All slots read with a mask from slot indices, fed tokens padded to a bucket, padding keys in a sink slot: the
+    same tokens and logits as the eager call, in float64."""
+    static_calls = uncompiled_static_path(monkeypatch)
+    model = sharp_model(variant)
+    kw = dict(num_samples=3, alpha0=alpha0, steps=steps, prompt=PROMPTS[prompt], **ORDERS[order])
+    x1, logits1 = gen(model, 5, compile=True, **kw)
+    assert static_calls  # the static path ran
+    x2, logits2 = gen(model, 5, **kw)
+    assert torch.equal(x1, x2)
+    for a, b in zip(logits1, logits2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's warning when the growing slice hits the recompile limit
+def test_static_call_compiles_one_graph_per_bucket(monkeypatch):
+    """A whole run at L = 1024, compiled with fullgraph=True and static shapes: one graph per bucket, none compiled
+    again. The eager call, whose shapes grow, compiled the same way makes a graph per new shape until torch gives up.
+    (dynamo's graphs are what is counted; the "eager" backend skips inductor's code generation.)"""
+    from torch._dynamo.utils import counters
+    compile = torch.compile
+    monkeypatch.setattr(static_cache.torch, "compile", lambda module, **kw: compile(
+        module, backend="eager", fullgraph=kw["fullgraph"], dynamic=kw["dynamic"]))
+    model = EsoLM(EsoLMConfig(n_layer=1, n_head=2, n_embd=16, block_size=1024, vocab_size=11))
+    to_gen = torch.ones(2, 1024, dtype=torch.bool)
+    _, ks, n_seq = random_plan(to_gen, 1.0, 1024, torch.Generator().manual_seed(0))
+    buckets = {static_cache.bucket(f.d + f.k - f.n_cached) for f in model.feeds(ks, n_seq)}
+    torch._dynamo.reset()
+    counters.clear()
+    out = model.generate(2, 1.0, 1024, compile=True, generator=torch.Generator().manual_seed(0))
+    assert out.nfe == len(ks) and 2 <= len(buckets) <= 5
+    assert counters["stats"]["unique_graphs"] == len(buckets), (buckets, counters["stats"])
+    torch._dynamo.reset()
+    monkeypatch.setattr(model, "forward", compile(model.forward, backend="eager", fullgraph=True, dynamic=False))
+    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # fullgraph: the limit is an error
+        model.generate(2, 1.0, 1024, generator=torch.Generator().manual_seed(0))
 
 
 def test_sampler_keeps_cudnn_attention_off(monkeypatch):
@@ -347,6 +405,47 @@ def test_alpha0_one_has_no_ar_term_and_the_mdlm_weight():
         t = stratified_t(6, "cpu", g)
         nll, n_masked = model._mdm_term(x, 1.0, t, g)
     torch.testing.assert_close(got, nll / t, rtol=1e-6, atol=0)  # t is float32: 1/t and the weight round apart
+
+
+def test_mdlm_attends_both_ways_everywhere():
+    """The MDLM baseline: its diffusion mask is all True, and its forward is that mask's forward, in which an early
+    position's output depends on a later token (causal attention would not let it)."""
+    assert diffusion_mask(torch.tensor([0, 3, 5]), 5, "MDLM").all()
+    model = sharp_model("MDLM")
+    idx, pos = torch.randint(0, V + 1, (2, L)), torch.stack([torch.randperm(L) for _ in range(2)])
+    with torch.no_grad():
+        h = model(idx, pos)
+        torch.testing.assert_close(h, model(idx, pos, torch.ones(L, L, dtype=torch.bool)), atol=1e-12, rtol=0)
+        changed = model(torch.cat([idx[:, :-1], (idx[:, -1:] + 1) % V], 1), pos)
+    assert (h[:, 0] - changed[:, 0]).abs().max() > 1e-3
+
+
+def test_mdlm_nelbo_is_the_mdlm_bound_by_enumeration():
+    """At alpha0 = 1 the MDLM model's NELBO estimator must average to MDLM's bound, computed here independently: with
+    bidirectional attention a masked set S's loss f(S) = sum_{l in S} -log p(x_l | x with S masked) does not depend
+    on the layout, so E = E_{t ~ U[EPS, 1)} [ -alpha_t' / (1 - alpha_t) sum_S P_t(S) f(S) ], with
+    P_t(S) = (1 - alpha_t)^|S| alpha_t^(L - |S|) and alpha_t = 1 - (1 - EPS) t; the integrand is a polynomial in t
+    (the weight's 1/t cancels against (1 - alpha_t)^|S|), so Gauss-Legendre quadrature is exact."""
+    import numpy as np
+    Lt, Vt = 3, 3
+    model = sharp_model("MDLM", vocab_size=Vt, block_size=Lt, seed=1)
+    x = torch.tensor([[2, 0, 1]])
+    f = {}
+    with torch.no_grad():
+        for S in itertools.chain.from_iterable(itertools.combinations(range(Lt), n) for n in range(1, Lt + 1)):
+            z = x.clone()
+            z[0, list(S)] = Vt
+            logp = model.lm_head(model(z, torch.arange(Lt)[None])).log_softmax(-1)[0]
+            f[S] = -sum(logp[l, x[0, l]].item() for l in S)
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+    t = EPS + (1 - EPS) * (nodes + 1) / 2  # [-1, 1] -> [EPS, 1]
+    a = 1 - (1 - EPS) * t
+    integrand = sum((1 - EPS) / (1 - a) * (1 - a) ** len(S) * a ** (Lt - len(S)) * v for S, v in f.items())
+    exact = float((weights * integrand).sum() / 2)  # the mean over t ~ U[EPS, 1): (1 / (1 - EPS)) * the integral
+    with torch.no_grad():
+        draws = torch.cat([model.nelbo(x.repeat(4000, 1), 1.0) for _ in range(5)])
+    se = draws.std().item() / math.sqrt(len(draws))
+    assert abs(draws.mean().item() - exact) < 4 * se and se < 0.02 * exact, (draws.mean().item(), exact, se)
 
 
 def test_stratified_t_stays_in_eps_1_and_covers_every_slice():
@@ -530,6 +629,61 @@ def test_sampler_invariants(variant, prompt, alpha0, steps):
         assert n_seq == 0
 
 
+def subcontext_calls(given, S, alpha0, offsets):
+    """The call that decodes each position under the structured order, written from its statement (METHOD.md §8):
+    call j (j < floor(S alpha0)) decodes offset offsets[j] of every length-S chunk; the other positions are decoded
+    left to right, one per call. Given positions are decoded by no call (0), and a call left empty is dropped."""
+    L, n_pattern = len(given), math.floor(S * alpha0)
+    calls, c = [0] * L, 0
+    for j in range(n_pattern):
+        todo = [p for p in range(offsets[j], L, S) if not given[p]]
+        c += bool(todo)
+        for p in todo:
+            calls[p] = c
+    for p in range(L):
+        if not given[p] and calls[p] == 0:
+            c += 1
+            calls[p] = c
+    return calls
+
+
+@pytest.mark.parametrize("L_,S", [(12, 4), (12, 3), (12, 12), (8, 1), (16, 8)])
+@pytest.mark.parametrize("alpha0", [1.0, 0.6, 0.25, 0.0])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("prompt", ["none", "prefix", "infill"])
+def test_subcontext_order_is_the_papers_construction(L_, S, alpha0, shuffle, prompt):
+    model = sharp_model("B", block_size=L_)
+    p = {"none": None, "prefix": torch.tensor([3, 1, 4, 1, 5]), "infill": torch.tensor([V, 2, V, V, 7, V, V, 1])}[prompt]
+    given = [False] * L_ if p is None else [i < len(p) and p[i] != V for i in range(L_)]
+    out = model.generate(4, alpha0, 1, subcontext_len=S, subcontext_shuffle=shuffle, prompt=p,
+                         generator=torch.Generator().manual_seed(0))
+    offsets = list(range(S))
+    if shuffle:  # the offset of each call, read off the first row: one offset per call, shared by every row
+        row = out.calls[0].tolist()
+        offsets = [next((q % S for q in range(L_) if row[q] == c and not given[q]), None) for c in range(1, S + 1)]
+        offsets = [o for o in offsets if o is not None][:math.floor(S * alpha0)]
+        offsets += [o for o in range(S) if o not in offsets]  # calls a prompt emptied (dropped) come last
+    for row in out.calls.tolist():
+        assert row == subcontext_calls(given, S, alpha0, offsets)
+    if p is None:
+        n_pattern = math.floor(S * alpha0)
+        assert out.nfe == n_pattern + L_ - n_pattern * L_ // S
+        assert out.nfe == S or alpha0 < 1
+
+
+def test_subcontext_shuffle_draws_the_offsets_and_each_call_at_random():
+    to_gen = torch.ones(8, 12, dtype=torch.bool)
+    firsts, layouts = set(), set()
+    for seed in range(20):
+        order, ks, n_seq = esolm.subcontext_plan(to_gen, 4, 1.0, True, torch.Generator().manual_seed(seed))
+        assert ks == [3, 3, 3, 3] and n_seq == 0
+        firsts.add(int(order[0, 0]) % 4)  # the offset of the first call
+        layouts |= {tuple(r) for r in order[:, :3].tolist()}  # the first call's positions, in each row's order
+    assert firsts == {0, 1, 2, 3} and len(layouts) > 20
+    order, _, _ = esolm.subcontext_plan(to_gen, 4, 1.0, False)
+    assert order[0].tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11] and (order == order[0]).all()
+
+
 def test_reveal_schedule_unmasks_about_alpha0():
     for alpha0 in (0.1, 0.5, 0.9):
         counts = [sum(reveal_schedule(1000, alpha0, 16, "cpu", torch.Generator().manual_seed(s))[0])
@@ -589,6 +743,13 @@ def test_generate_restores_training_mode():
     (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.tensor([1.0])), "LongTensor"),
     (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.tensor([[1], [2], [3]])), r"\(2, T\)"),
     (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.tensor([[1, V], [2, 3]])), "same number"),
+    (lambda m, x: m.generate(2, 0.5, 4, subcontext_len=5), "--subcontext_len=5: must divide L = 12"),
+    (lambda m, x: m.generate(2, 0.5, 4, subcontext_len=4, prompt=torch.tensor([[1, V], [V, 3]])), "same given"),
+    (lambda m, x: m.generate(2, 0.5, 4, kv_cache=False, compile=True), "--compile=True: .* needs kv_cache=True"),
+    (lambda m, x: sharp_model("MDLM").generate(2, 1.0, 4, kv_cache=True), "--kv_cache=True: MDLM has no KV cache"),
+    (lambda m, x: sharp_model("MDLM").generate(2, 0.5, 4), "--alpha0=0.5: MDLM is a pure MDM"),
+    (lambda m, x: sharp_model("MDLM").loss(x, 0.25), "--alpha0=0.25: MDLM is a pure MDM"),
+    (lambda m, x: sharp_model("MDLM").exact_nll(x, 1.0), "exact_nll needs variant B"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
     model = sharp_model("B")
