@@ -339,6 +339,48 @@ def test_train_then_sample_with_a_prompt(tiny_data, trained):
     assert sample.startswith("To ") and " or" in sample and re.search(r"NFE [12],", p.stdout)
 
 
+def test_ema_warm_up_follows_the_trained_weights(tiny_data):
+    """--ema=0.9999, the paper's decay, on a 30-iteration run: with the warm-up decay min(ema, (1 + n) / (10 + n))
+    the average ends far closer to the trained weights than to the random init (a constant 0.9999 would leave it
+    99.7% init)."""
+    out = tiny_data / "out_ema"
+    run("train.py", "--dataset=tiny", f"--out_dir={out}", "--max_iters=30", "--eval_interval=30", "--ema=0.9999",
+        *TINY, cwd=tiny_data)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.manual_seed(ckpt["train_config"]["seed"])  # train.py builds its model right after this seed
+    init = EsoLM(EsoLMConfig(**ckpt["model_config"])).state_dict()
+
+    def distance(a, b):
+        return math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in a))
+
+    to_trained, to_init = distance(ckpt["ema"], ckpt["model"]), distance(ckpt["ema"], init)
+    assert distance(ckpt["model"], init) > 1 and to_trained < 0.25 * to_init, (to_trained, to_init)
+
+
+def test_mdlm_trains_and_samples(tiny_data):
+    """The MDLM baseline through the scripts: trained at alpha0 = 1, sampled by the uncached sampler in its random
+    order and left to right (subcontext_len = L); asking it for a KV cache is an error, not a silent fallback."""
+    out = tiny_data / "out_mdlm"
+    run("train.py", "--dataset=tiny", f"--out_dir={out}", "--variant=MDLM", "--alpha0=1", "--max_iters=4",
+        "--eval_interval=4", *TINY, cwd=tiny_data)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["variant"] == "MDLM"
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=2", "--steps=8", cwd=tiny_data)
+    assert p.stdout.count("---------- sample") == 2 and "variant MDLM" in p.stdout
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--subcontext_len=32", cwd=tiny_data)
+    assert "NFE 32," in p.stdout
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--kv_cache", cwd=tiny_data, ok=False)
+    assert "--kv_cache=True: MDLM has no KV cache" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sample_with_the_structured_order(tiny_data, trained):
+    p = run("sample.py", f"--out_dir={trained}", "--num_samples=2", "--alpha0=1", "--subcontext_len=8",
+            "--subcontext_shuffle", cwd=tiny_data)
+    assert "NFE 8," in p.stdout and "subcontext_len=8 shuffled" in p.stdout
+    p = run("sample.py", f"--out_dir={trained}", "--subcontext_len=5", cwd=tiny_data, ok=False)
+    assert p.stderr.strip() == "sample.py: --subcontext_len=5: must divide L = 32 (0: the random order)"
+
+
 def test_resume_repeats_the_uninterrupted_run(tiny_data):
     common = ["--dataset=tiny", "--eval_interval=4", "--log_interval=1", "--ema=0.9", "--dropout=0.1", *TINY]
     whole, part = tiny_data / "out_whole", tiny_data / "out_part"
@@ -461,8 +503,8 @@ BAD_TRAIN = ["--batch_size=0", "--n_head=5", "--eval_interval=0", "--log_interva
              "--beta2=1.5", "--grad_clip=-1", "--peak_flops=-1", "--seed=-1", "--alpha0=1.5", "--alpha0=nan",
              "--learning_rate=1e999", "--variant=C", "--loss_type=mse", "--lr_schedule=linear", "--dtype=float16",
              "--init_from=elsewhere", "--dataset=a/b", "--compile=yes", "--device=tpu", "--batch_split=0.0",
-             ("--batch_size=1", "--alpha0=0.25")]
-BAD_SAMPLE = ["--num_samples=0", "--batch_size=-1", "--alpha0=2",
+             ("--batch_size=1", "--alpha0=0.25"), ("--variant=MDLM", "--alpha0=0.25")]
+BAD_SAMPLE = ["--num_samples=0", "--batch_size=-1", "--alpha0=2", "--subcontext_len=-1", "--subcontext_len=7",
               "--steps=-1", "--temperature=-1", "--top_p=0", "--top_p=1.5", "--seed=-1", "--dtype=float16",
               "--num_samples=x", ("--prompt=a", "--infill=b"), "--out_dir=missing"]
 BAD_BENCH = ["--repeats=0", "--n_head=5", "--sample_batch=0",

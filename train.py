@@ -429,8 +429,9 @@ while True:
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if ema_model:  # warm-up, as the official code: early on the average forgets the random init quickly
-        decay = min(cfg.ema, (1 + iter_num) / (10 + iter_num))  # from the iteration: a resume repeats it exactly
+    if ema_model:  # with the official warm-up: early on, the average forgets the random init quickly
+        n = iter_num + 1  # updates so far, this one included, counted from the iteration: a resume repeats it
+        decay = min(cfg.ema, (1 + n) / (10 + n))
         torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
     nonfinite |= ~torch.isfinite(terms.sum())
     iter_num += 1
