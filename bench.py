@@ -1,17 +1,28 @@
 """
-Speed of the sampler and of the training step, side by side, in one process.
+Speed of the samplers and of the training step, side by side, in one process. Random weights: speed does not
+depend on them.
 
-    python bench.py                       # CPU: sampling and training at L = 256, about 4 minutes on 2 cores
-    python bench.py --lengths             # the paper's speed table: sampling time against L (CPU: 256 .. 2048)
-    python bench.py --device=cuda         # bf16, 12 x 768, GPT-2 vocabulary, L = 1024, plus training MFU
-    python bench.py --device=cuda --lengths              # L = 1024 .. 8192
-    python bench.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-1 --device=cuda --lengths   # the paper's network
+    python bench.py                                  # CPU: sampling and training at L = 256
+    python bench.py --lengths                        # whole-sampler time against L (CPU: 256 .. 2048)
+    python bench.py --throughput                     # the paper's speed table, measured the official way
+    python bench.py --device=cuda --throughput --compile   # ... 12 x 768, bf16, the cached calls as CUDA graphs
+    python bench.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-1 --device=cuda --throughput   # the paper's network
 
-Samplers: (a) the uncached reference, a full L-token forward per call (what a standard MDM such as MDLM pays);
-(b) Eso-LM (B) with its KV cache; (c) alpha0 = 0 through the same cached sampler (an AR decoder with a KV cache);
-and Eso-LM (A), which caches its sequential phase only. Training: forward + backward of model.loss at alpha0 = 1,
-0.25 and 0. Each row is the median of --repeats timed runs after a warm-up; the configurations alternate within
-each repeat so that drifts in machine speed hit all of them alike. Random weights: speed does not depend on them.
+Three modes; BENCHMARKS.md says which mode each number comes from.
+- default: whole sampling runs at one L (token sampling included), cached against uncached at T = L, L/4, L/16,
+  and the training step (forward + backward of model.loss at alpha0 = 1, 0.25 and 0).
+- --lengths: whole sampling runs against L, NFE = L as in the paper's table: MDLM (its bidirectional forward, one
+  per call, no cache), Eso-LM (B) (alpha0 = 1, T = L), AR (alpha0 = 0 through the same cached sampler) and
+  Eso-LM (A) (alpha0 = 0.25). Medians of --repeats; the configurations alternate within each repeat, so that
+  drifts in machine speed hit all of them alike.
+- --throughput: as the official code's profile_throughput: the schedule and orders are drawn before the timer, the
+  timer covers only the loop of network calls (each with its output layer) between two device synchronizations,
+  token sampling is skipped, and the first batch is a warm-up, left out. The rows: AR, MDLM, Eso-LM (B), Eso-LM (A),
+  and BD3-LM with blocks of 4, 8 and 16: a cost model through this backbone (L / b blocks, one token revealed per
+  call so NFE = L, each call feeds its block's b tokens, bidirectional among themselves, against the cached earlier
+  blocks), not a trained BD3-LM. Batch: the paper's on a GPU (512 at L = 1024, 256 at 2048, 64 at 8192), 4 on CPU.
+--uncached_calls > 0 times that many of MDLM's calls and multiplies by its NFE (every such call is the same full
+forward; on a CPU the whole loop takes minutes): the row says so.
 """
 import argparse
 import json
@@ -22,8 +33,10 @@ import time
 
 import torch
 
-from esolm import EsoLM, EsoLMConfig
-from runtime import H100_BF16_FLOPS, autocast, check_args
+from torch.nn.attention import sdpa_kernel
+
+from esolm import SAMPLER_ATTENTION, EsoLM, EsoLMConfig, KVCache, SettingError, random_plan, subcontext_plan
+from runtime import H100_BF16_FLOPS, autocast, check_args, loss_flops
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -34,13 +47,19 @@ parser.add_argument("--n_head", type=int, default=None, help="default: 4 on CPU,
 parser.add_argument("--block_size", type=int, default=None, help="L; default: 256 on CPU, 1024 on CUDA")
 parser.add_argument("--vocab_size", type=int, default=None, help="default: 256 on CPU (bytes), 50257 on CUDA (GPT-2)")
 parser.add_argument("--lengths", type=int, nargs="*", default=None,
-                    help="sampling time against L; with no values: 256 512 1024 2048 on CPU, 1024 .. 8192 on CUDA")
-parser.add_argument("--uncached_calls", type=int, default=16,
-                    help="--lengths times this many uncached calls and multiplies by the NFE (0: full runs)")
-parser.add_argument("--sample_batch", type=int, default=None, help="default: 4 on CPU, 8 on CUDA")
+                    help="--lengths or --throughput at these L; none: 256 .. 2048 on CPU, 1024 .. 8192 on CUDA")
+parser.add_argument("--throughput", action="store_true", help="the official way of timing: see above")
+parser.add_argument("--uncached_calls", type=int, default=None,
+                    help="time this many MDLM calls and multiply by its NFE (0: the whole loop; default: 16 on CPU, "
+                         "0 on CUDA)")
+parser.add_argument("--sample_batch", type=int, default=None,
+                    help="default: 4 on CPU; on CUDA 8, and with --throughput the paper's (512, 256, 64)")
 parser.add_argument("--train_batch", type=int, default=None, help="default: 16 on CPU, 8 on CUDA")
-parser.add_argument("--repeats", type=int, default=3)
-parser.add_argument("--compile", action="store_true", help="torch.compile the cached sampler's calls")
+parser.add_argument("--repeats", type=int, default=3, help="timed runs (batches) of each row")
+parser.add_argument("--compile", action="store_true", help="the cached calls as static-shape compiled graphs")
+parser.add_argument("--subcontext_len", type=int, default=0, help="Eso-LM (B) in the structured order of this S")
+parser.add_argument("--subcontext_shuffle", action="store_true")
+parser.add_argument("--bd3_blocks", type=int, nargs="*", default=[4, 8, 16], help="--throughput: BD3-LM block sizes")
 parser.add_argument("--peak_flops", type=float, default=H100_BF16_FLOPS, help="for MFU on CUDA (default: H100 SXM)")
 parser.add_argument("--skip_sampling", action="store_true")
 parser.add_argument("--skip_training", action="store_true")
@@ -49,23 +68,36 @@ parser.add_argument("--png", default="", help="--lengths: draw the speedups agai
 args = parser.parse_args()
 cuda = args.device.startswith("cuda")  # the defaults below depend on it; check_args checks the device
 defaults = dict(n_layer=(4, 12), n_embd=(256, 768), n_head=(4, 12), block_size=(256, 1024), vocab_size=(256, 50257),
-                sample_batch=(4, 8), train_batch=(16, 8))
+                train_batch=(16, 8), uncached_calls=(16, 0))
 for key, (cpu_default, cuda_default) in defaults.items():
     if getattr(args, key) is None:
         setattr(args, key, cuda_default if cuda else cpu_default)
-if args.lengths == []:
+if args.lengths == [] or (args.throughput and args.lengths is None):
     args.lengths = [1024, 2048, 4096, 8192] if cuda else [256, 512, 1024, 2048]
+PAPER_BATCH = {1024: 512, 2048: 256, 8192: 64}  # the official throughput scripts' batch sizes
+
+
+def sample_batch(L):
+    if args.sample_batch:
+        return args.sample_batch
+    return PAPER_BATCH.get(L, 64) if cuda and args.throughput else (8 if cuda else 4)
+
+
 try:  # every setting, and the model's own checks, before any work
     device = check_args(args, (
-        ("sample_batch", args.sample_batch >= 1, "must be at least 1"),
+        ("sample_batch", args.sample_batch is None or args.sample_batch >= 1, "must be at least 1"),
         ("train_batch", args.train_batch >= 2, "must be at least 2 (alpha0 = 0.25 splits the batch)"),
         ("repeats", args.repeats >= 1, "must be at least 1"),
         ("uncached_calls", args.uncached_calls >= 0, "must be at least 0 (0: full runs)"),
         ("lengths", all(n >= 2 for n in args.lengths or [2]), "each L must be at least 2"),
+        ("subcontext_len", all(args.subcontext_len == 0 or L % args.subcontext_len == 0
+                               for L in args.lengths or [args.block_size]), "must divide every L (0: random order)"),
+        ("bd3_blocks", all(b >= 1 and L % b == 0 for b in args.bd3_blocks for L in args.lengths or [args.block_size]),
+         "each block size must divide every L"),
         ("peak_flops", args.peak_flops > 0, "must be positive")))
     EsoLMConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                 n_embd=args.n_embd)
-except ValueError as e:
+except SettingError as e:
     sys.exit(f"bench.py: {e}")
 amp, dtype = autocast(device)  # bfloat16 on a GPU that has it, else float32
 
@@ -79,12 +111,12 @@ def make_model(variant, L):
     torch.manual_seed(0)
     if args.init_from:
         try:
-            return EsoLM.from_pretrained(args.init_from, block_size=L, variant=variant).to(device)
+            return EsoLM.from_pretrained(args.init_from, block_size=L, variant=variant).to(device).eval()
         except (ValueError, OSError) as e:
             sys.exit(f"bench.py: --init_from={args.init_from}: {e}")
     config = EsoLMConfig(vocab_size=args.vocab_size, block_size=L, n_layer=args.n_layer, n_head=args.n_head,
                          n_embd=args.n_embd, variant=variant)
-    return EsoLM(config).to(device)
+    return EsoLM(config).to(device).eval()
 
 
 def timed(fn):
@@ -106,63 +138,139 @@ def median_times(cases):
     return {name: statistics.median(t) for name, t in times.items()}, outs
 
 
-def sampler(model, alpha0, steps, kv_cache=True, prompt=None):
+def sampler(model, alpha0, steps, kv_cache=None, prompt=None, structured=False):
     """A function that generates one batch (the same schedule and orders every run) and returns its NFE."""
+    order = dict(subcontext_len=args.subcontext_len, subcontext_shuffle=args.subcontext_shuffle) if structured else {}
+
     def fn():
         g = torch.Generator(device=device).manual_seed(0)
         with amp:
-            return model.generate(args.sample_batch, alpha0, steps, prompt=prompt, kv_cache=kv_cache, generator=g,
-                                  compile=args.compile and kv_cache).nfe
+            return model.generate(sample_batch(model.config.block_size), alpha0, steps, prompt=prompt,
+                                  kv_cache=kv_cache, generator=g, compile=args.compile and kv_cache is not False,
+                                  **order).nfe
     return fn
-
-
-def uncached_calls(model, n):
-    """n uncached calls, each a full L-token forward: alpha0 = 0 with a prompt that leaves n positions to decode."""
-    prompt = torch.zeros(model.config.block_size - n, dtype=torch.long, device=device)
-    return sampler(model, 0.0, 1, kv_cache=False, prompt=prompt)
 
 
 machine = torch.cuda.get_device_name(device) if cuda else \
     f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 size = args.init_from or f"{args.n_layer} x {args.n_embd} ({args.n_head} heads), vocab {args.vocab_size}"
-print(f"machine: {machine}; torch {torch.__version__}; {dtype}; model {size}")
+print(f"machine: {machine}; torch {torch.__version__}; {dtype}; model {size}" + (", compiled" if args.compile else ""))
 results = {"machine": machine, "torch": torch.__version__, "dtype": dtype, "args": vars(args)}
 
 # -----------------------------------------------------------------------------------------------------------
-# the speed table: sampling time against L, NFE = L (alpha0 = 1, T = L for (a) and (b))
+# --throughput: the network calls only, as the official code times them
 
-if args.lengths:
+
+def network_calls(model, plan, kv_cache, n_calls=None):
+    """A function that runs the network calls of a plan (order, ks, n_seq) drawn beforehand, without sampling tokens
+    (the canvas keeps its masks' ids, as the official timing skips the writes too), and returns the calls made."""
+    order, ks, n_seq = plan
+    ks = ks[:n_calls] if n_calls else ks
+
+    def fn():
+        zs = torch.full_like(order, model.mask_id)
+        with amp, torch.no_grad():
+            model.decode(zs, order, ks, min(n_seq, len(ks)), lambda logits: model.mask_id, kv_cache, args.compile)
+        return len(ks)
+    return fn
+
+
+def bd3_calls(model, B, b):
+    """The BD3-LM cost model: L / b blocks one after the other, b calls per block (one token revealed per call), each
+    feeding the block's b tokens, which see each other both ways and every cached earlier block; the finished
+    block's keys and values stay in the cache."""
+    L, nh, C = model.config.block_size, model.config.n_head, model.config.n_embd
+
+    def fn():
+        with amp, torch.no_grad(), sdpa_kernel(SAMPLER_ATTENTION):
+            caches = [KVCache(B, nh, L, C // nh, model.compute_dtype(), device) for _ in model.blocks]
+            idx = torch.full((B, b), model.mask_id, device=device)
+            for start in range(0, L, b):
+                pos = torch.arange(start, start + b, device=device).expand(B, b)
+                mask = torch.ones(b, start + b, dtype=torch.bool, device=device)
+                for _ in range(b):
+                    model.lm_head(model(idx, pos, mask, caches, start))
+        return L
+    return fn
+
+
+def throughput_row(fn, scale=1.0):
+    """Seconds per batch: the mean of --repeats timed batches after one warm-up batch (the official code's mean over
+    its batches but the first), times `scale` for a row estimated from part of its calls."""
+    fn()
+    times = [timed(fn)[0] for _ in range(args.repeats)]
+    return statistics.mean(times) * scale, fn()
+
+
+if args.throughput:
     rows = []
     for L in args.lengths:
-        models = {v: make_model(v, L).eval() for v in "AB"}
-        cases = {"(b) Eso-LM (B)": sampler(models["B"], 1.0, L), "(c) AR": sampler(models["B"], 0.0, L),
+        B, g = sample_batch(L), torch.Generator(device=device).manual_seed(0)
+        models = {v: make_model(v, L) for v in ("B", "A", "MDLM")}
+        to_gen = torch.ones(B, L, dtype=torch.bool, device=device)
+        eso_plan = (subcontext_plan(to_gen, args.subcontext_len, 1.0, args.subcontext_shuffle, g)
+                    if args.subcontext_len else random_plan(to_gen, 1.0, L, g))
+        mdlm_plan = random_plan(to_gen, 1.0, L, g)
+        row = {"L": L, "batch": B}
+        cases = {"AR": (network_calls(models["B"], random_plan(to_gen, 0.0, L, g), True), 1.0),
+                 "Eso-LM (B)": (network_calls(models["B"], eso_plan, True), 1.0),
+                 "Eso-LM (A) alpha0=0.25": (network_calls(models["A"], random_plan(to_gen, 0.25, L, g), True), 1.0)}
+        n_mdlm = min(args.uncached_calls, len(mdlm_plan[1])) or len(mdlm_plan[1])
+        cases["MDLM"] = (network_calls(models["MDLM"], mdlm_plan, False, n_mdlm), len(mdlm_plan[1]) / n_mdlm)
+        cases |= {f"BD3-LM b={b} (cost model)": (bd3_calls(models["B"], B, b), 1.0) for b in args.bd3_blocks}
+        for name, (fn, scale) in cases.items():
+            seconds, calls = throughput_row(fn, scale)
+            row[name] = {"seconds": seconds, "nfe": round(calls * scale)} | (
+                {"estimated_from_calls": calls} if scale != 1 else {})
+            print(f"L = {L:5d}, batch {B}: {name:26s} NFE {row[name]['nfe']:5d}  {seconds:9.3f} s"
+                  + (f"  (estimated from {calls} calls)" if scale != 1 else ""), flush=True)
+        b_sec = row["Eso-LM (B)"]["seconds"]
+        row["ratios"] = {"MDLM / Eso-LM (B)": row["MDLM"]["seconds"] / b_sec,
+                         "Eso-LM (B) / AR": b_sec / row["AR"]["seconds"],
+                         **{f"BD3-LM b={b} / Eso-LM (B)": row[f"BD3-LM b={b} (cost model)"]["seconds"] / b_sec
+                            for b in args.bd3_blocks}}
+        print("   " + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratios"].items()), flush=True)
+        rows.append(row)
+        del models
+    results["throughput"] = rows
+
+# -----------------------------------------------------------------------------------------------------------
+# --lengths: whole sampling runs against L, NFE = L (alpha0 = 1, T = L for MDLM and Eso-LM (B))
+
+if args.lengths and not args.throughput:
+    rows = []
+    for L in args.lengths:
+        models = {v: make_model(v, L) for v in ("A", "B", "MDLM")}
+        mdlm = sampler(models["MDLM"], 1.0, L)
+        cases = {"(b) Eso-LM (B)": sampler(models["B"], 1.0, L, structured=True), "(c) AR": sampler(models["B"], 0.0, L),
                  "Eso-LM (A) a0=0.25": sampler(models["A"], 0.25, L)}
         n_calls = min(args.uncached_calls, L)
-        if n_calls:
-            cases["(a) uncached, per call"] = uncached_calls(models["B"], n_calls)
-        if not n_calls or L == args.lengths[0]:  # once, to check that calls x NFE is the cost of a full run
-            cases["(a) MDLM-style uncached"] = sampler(models["B"], 1.0, L, kv_cache=False)
-        for model in models.values():  # warm-up: a few calls of each path
-            uncached_calls(model, 4)()
-            sampler(model, 1.0, L, prompt=torch.zeros(L - 8, dtype=torch.long, device=device))()
-        for fn in cases.values() if args.compile else ():  # compiled: a whole run, so that no timed run compiles
+        if n_calls:  # calls of MDLM's sampler: a prompt that leaves n_calls positions, decoded one per call
+            cases["(a) MDLM, per call"] = sampler(models["MDLM"], 1.0, n_calls,
+                                                  prompt=torch.zeros(L - n_calls, dtype=torch.long, device=device))
+        if not n_calls or L == args.lengths[0]:  # once, to check that calls x NFE is the cost of a whole run
+            cases["(a) MDLM"] = mdlm
+        for fn in cases.values():  # warm-up: a whole run each (compiled: no timed run compiles)
             fn()
         secs, nfe = median_times(cases)
-        row = {"L": L, "nfe": nfe["(b) Eso-LM (B)"], "nfe_ar": nfe["(c) AR"], "nfe_A": nfe["Eso-LM (A) a0=0.25"],
-               "b": secs["(b) Eso-LM (B)"], "c": secs["(c) AR"], "A": secs["Eso-LM (A) a0=0.25"]}
+        to_gen = torch.ones(1, L, dtype=torch.bool, device=device)  # MDLM's NFE: the plan its sampler draws first
+        mdlm_nfe = len(random_plan(to_gen, 1.0, L, torch.Generator(device=device).manual_seed(0))[1])
+        row = {"L": L, "nfe": nfe["(b) Eso-LM (B)"], "nfe_mdlm": mdlm_nfe, "nfe_ar": nfe["(c) AR"],
+               "nfe_A": nfe["Eso-LM (A) a0=0.25"], "b": secs["(b) Eso-LM (B)"], "c": secs["(c) AR"],
+               "A": secs["Eso-LM (A) a0=0.25"]}
         if n_calls:
-            row["a_estimated"] = secs["(a) uncached, per call"] / n_calls * row["nfe"]
-        if "(a) MDLM-style uncached" in secs:
-            row["a_full"] = secs["(a) MDLM-style uncached"]
+            row["a_estimated"] = secs["(a) MDLM, per call"] / nfe["(a) MDLM, per call"] * mdlm_nfe
+        if "(a) MDLM" in secs:
+            row["a_full"] = secs["(a) MDLM"]
         row["a"] = row.get("a_full", row.get("a_estimated"))
         rows.append(row)
         note = f" (full run {row['a_full']:.2f} s, estimate {row['a_estimated']:.2f} s: " \
                f"{row['a_estimated'] / row['a_full'] - 1:+.1%})" if "a_full" in row and "a_estimated" in row else ""
-        print(f"L = {L:5d}: NFE {row['nfe']:5d}  (a) {row['a']:9.2f} s  (b) {row['b']:7.2f} s  (c) {row['c']:7.2f} s "
-              f" (A) {row['A']:7.2f} s  (a)/(b) {row['a'] / row['b']:6.1f}x  (b)/(c) {row['b'] / row['c']:5.2f}x"
-              + note, flush=True)
+        print(f"L = {L:5d}: NFE {row['nfe']:5d}  (a) MDLM {row['a']:9.2f} s  (b) {row['b']:7.2f} s  "
+              f"(c) {row['c']:7.2f} s  (A) {row['A']:7.2f} s  (a)/(b) {row['a'] / row['b']:6.1f}x  "
+              f"(b)/(c) {row['b'] / row['c']:5.2f}x" + note, flush=True)
         del models
-    results["lengths"] = {"batch": args.sample_batch, "uncached_calls": args.uncached_calls, "rows": rows}
+    results["lengths"] = {"batch": sample_batch(0), "uncached_calls": args.uncached_calls, "rows": rows}
     if args.png:
         try:
             import matplotlib
@@ -173,10 +281,10 @@ if args.lengths:
         else:
             Ls = [r["L"] for r in rows]
             fig, ax = plt.subplots(figsize=(5.5, 4))
-            ax.plot(Ls, [r["a"] / r["b"] for r in rows], "o-", label="(a) uncached / (b) cached: the cache's gain")
-            ax.plot(Ls, [r["b"] / r["c"] for r in rows], "s-", label="(b) cached / (c) AR decoder: its cost")
+            ax.plot(Ls, [r["a"] / r["b"] for r in rows], "o-", label="(a) MDLM / (b) Eso-LM (B): the cache's gain")
+            ax.plot(Ls, [r["b"] / r["c"] for r in rows], "s-", label="(b) Eso-LM (B) / (c) AR decoder: its cost")
             ax.set(xscale="log", yscale="log", xlabel="sequence length L (T = L diffusion steps)",
-                   ylabel="ratio of sampling times", title=f"{machine}, batch {args.sample_batch}")
+                   ylabel="ratio of sampling times", title=f"{machine}, batch {sample_batch(0)}")
             ax.set_xticks(Ls, [str(L) for L in Ls])
             low, high = ax.get_ylim()
             ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if low <= t <= high]
@@ -188,11 +296,11 @@ if args.lengths:
             print(f"wrote {args.png}")
 
 # -----------------------------------------------------------------------------------------------------------
-# sampling at one length: cached against uncached at several step counts
+# sampling at one length: cached against the uncached reference at several step counts
 
 L = args.block_size
 if not args.skip_sampling and not args.lengths:
-    models = {v: make_model(v, L).eval() for v in "AB"}
+    models = {v: make_model(v, L) for v in "AB"}
     cases = {}
     for steps in (L, L // 4, L // 16):
         cases[f"B cached a0=1 T={steps}"] = sampler(models["B"], 1.0, steps)
@@ -204,11 +312,10 @@ if not args.skip_sampling and not args.lengths:
     for fn in cases.values():  # the warm-up
         fn()
     secs, nfe = median_times(cases)
-    print(f"\nsampling, L = {L}, batch {args.sample_batch}: seconds per batch (median of {args.repeats}), NFE, "
-          "tokens/s")
+    batch = sample_batch(L)
+    print(f"\nsampling, L = {L}, batch {batch}: seconds per batch (median of {args.repeats}), NFE, tokens/s")
     for name in cases:
-        print(f"  {name:28s} {secs[name]:9.3f} s  NFE {nfe[name]:5d}  {args.sample_batch * L / secs[name]:10,.0f} "
-              "tok/s")
+        print(f"  {name:28s} {secs[name]:9.3f} s  NFE {nfe[name]:5d}  {batch * L / secs[name]:10,.0f} tok/s")
     ratios = {}
     for steps in (L, L // 4, L // 16):
         cached, uncached = secs[f"B cached a0=1 T={steps}"], secs[f"B uncached a0=1 T={steps}"]
@@ -219,7 +326,7 @@ if not args.skip_sampling and not args.lengths:
             f"A cached a0={alpha0} T={L}"]
     for name, r in ratios.items():
         print(f"  {name:36s} {r:7.2f}x")
-    results["sampling"] = {"batch": args.sample_batch, "seconds": secs, "nfe": nfe, "ratios": ratios}
+    results["sampling"] = {"batch": batch, "seconds": secs, "nfe": nfe, "ratios": ratios}
     del models
 
 # -----------------------------------------------------------------------------------------------------------
@@ -268,7 +375,7 @@ if not args.skip_training and not args.lengths:
             memory = torch.cuda.max_memory_allocated(device)
         else:
             memory = saved_bytes(fn)
-        mfu = model.loss_flops(args.train_batch, alpha0s[name]) / secs[name] / args.peak_flops if cuda else None
+        mfu = loss_flops(model, args.train_batch, alpha0s[name]) / secs[name] / args.peak_flops if cuda else None
         train[name] = {"seconds": secs[name], "tokens_per_s": args.train_batch * L / secs[name],
                        "memory_bytes": memory, "mfu": mfu}
         print(f"  {name:34s} {secs[name] * 1000:8.1f} ms  {args.train_batch * L / secs[name]:9,.0f} tok/s  "

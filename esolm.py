@@ -1,23 +1,20 @@
 """
 Esoteric Language Models (Eso-LMs, Sahoo et al., arXiv 2506.01928) in one file: one transformer that is both a
 masked diffusion model (MDM) and an autoregressive (AR) model, trained with the hybrid NELBO and sampled with an
-exact KV cache. README.md teaches the method with pictures; this file is the method, top to bottom:
-config -> backbone (RoPE, attention with its KV cache, block, transformer) -> attention masks -> noise schedule and
-the NELBO's pieces -> sampling plans -> the Eso-LM (its two training forwards and the loss, the exact likelihood,
-the sampler).
+exact KV cache. README.md teaches the method with pictures; this file is the method, top to bottom: config ->
+backbone (RoPE, attention with its KV cache, block, transformer) -> attention masks -> noise schedule and the NELBO's
+pieces -> sampling plans -> the Eso-LM (its two training forwards and the loss, the exact likelihood, the sampler).
 
 The symbols, as the paper writes them:
-- x: a clean sequence of L tokens over a vocabulary of V; the mask token has id V. z: a partly masked copy of x,
-  and M(z) its masked positions.
-- t in [0, 1]: diffusion time. alpha_t: the probability that a token is still clean at time t. z_t: x with each
-  token masked independently with probability 1 - alpha_t.
-- z0 (= z_t at t = 0, drawn from q_0): about alpha0 L clean tokens, what the diffusion phase hands to the
-  sequential phase, which fills its masks left to right. alpha0 = 1 is a pure MDM, alpha0 = 0 a pure AR model.
+- x: a clean sequence of L tokens over a vocabulary of V; the mask token has id V. z: a partly masked copy of x;
+  M(z): its masked positions. t in [0, 1]: diffusion time; alpha_t: the probability that a token is still clean
+  at t; z_t: x with each token masked independently with probability 1 - alpha_t.
+- z0 (z_t at t = 0, drawn from q_0): about alpha0 L clean tokens, what the diffusion phase hands to the sequential
+  phase, which fills its masks left to right. alpha0 = 1 is a pure MDM, alpha0 = 0 a pure AR model.
 - Sorted order: the layout of every forward pass, clean tokens first, then masks. order[b, i] is the original
   position of the i-th token of row b; RoPE rotates each token by its original position, so a token means the
   same wherever the layout puts it, and the attention mask is the only place the order shows.
-- NFE: the number of network calls of a sampling run. n_cached: the cache slots whose keys and values the coming
-  calls reuse as they are.
+- NFE: the number of network calls of a sampling run. n_cached: the cache slots the coming calls reuse as they are.
 """
 import math
 from dataclasses import dataclass
@@ -100,11 +97,10 @@ class MLP(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, (B, nh, L, hs), written in place (gpt-fast's cache).
-
-    Unlike an AR cache, slot i holds the i-th token in *generation order*, not position i: each row of the batch
-    has its own order, and its tokens' positions live in RoPE, not in the slot index. A call writes every token it
-    is fed; the sampler then decides how many slots stay valid (n_cached) and the next call overwrites the rest."""
+    """Preallocated keys and values of one layer, (B, nh, L, hs), written in place (gpt-fast's cache). Unlike an AR
+    cache, slot i holds the i-th token in *generation order*, not position i: each row of the batch has its own
+    order, and its tokens' positions live in RoPE. A call writes every token it is fed; the sampler then decides
+    how many slots stay valid (n_cached), and the next call overwrites the rest."""
 
     def __init__(self, B, n_head, size, head_size, dtype, device):
         super().__init__()
@@ -303,7 +299,7 @@ def stratified_t(n, device, generator=None):
 def mdm_rows(B, alpha0, batch_split):
     """How many of B rows (the first ones) estimate the MDM term in training; the others estimate the AR term.
     When alpha0 is 0 or 1 the absent term takes no rows."""
-    if alpha0 in (0, 1):
+    if alpha0 == 0 or alpha0 == 1:
         return B * int(alpha0)
     check(0 < batch_split < 1 and B >= 2, "batch_split", batch_split, f"0 < alpha0 < 1 needs both terms: "
           f"batch_split strictly between 0 and 1, and at least 2 rows (got {B} rows)")
@@ -333,11 +329,11 @@ def clean_first_order(clean, shuffle, generator=None):
 
 def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
     """Tokens decoded per call of the diffusion phase, k_1..k_S (empty steps dropped), and the tokens left to the
-    sequential phase. With T = steps on an even grid from t = 1 to 0, step s reveals
-    k_s ~ Binomial(remaining, (alpha_s - alpha_t) / (1 - alpha_t)); drawing for each masked position the step that
-    reveals it (or none: the sequential phase decodes it) has the same law and needs one draw, not T."""
+    sequential phase. With T = steps on an even grid from t = 1 to 0, step s reveals k_s ~ Binomial(remaining,
+    (alpha_s - alpha_t) / (1 - alpha_t)); drawing for each masked position the step that reveals it (or none: the
+    sequential phase decodes it) has the same law and needs one draw, not T."""
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
-    p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step s), then P(left to the AR phase)
+    p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step s), then P(sequential)
     step = torch.searchsorted(p.cumsum(0), rand(n_gen, device=device, generator=generator, dtype=torch.float64),
                               right=True).clamp(max=steps)
     k = torch.bincount(step, minlength=steps + 1).tolist()
@@ -345,9 +341,8 @@ def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
 
 
 def random_plan(to_gen, alpha0, steps, generator=None):
-    """The paper's default plan, one random order per row: the given tokens, then the diffusion positions in a
-    random order, then the rest left to right; the binomial schedule over T = steps. to_gen (B, L): True where a
-    token is to be generated (every row the same count)."""
+    """The paper's default plan: per row, the given tokens, then the diffusion positions in a random order, then the
+    rest left to right; the binomial schedule over T = steps. to_gen (B, L): True where a token is to be generated."""
     B, L = to_gen.shape
     n_gen = int(to_gen[0].sum())
     ks, n_seq = reveal_schedule(n_gen, alpha0, steps, to_gen.device, generator)
@@ -401,9 +396,8 @@ class Feed(NamedTuple):
 
 
 class Samples(NamedTuple):
-    """What generate returns. x (B, L): the samples. calls (B, L): the network call that decoded each position (1
-    for the first call, 0 for given tokens). nfe: the number of calls. logits: the logits of each call, a list of
-    (B, k, V) in at least float32, when asked for (return_logits), else None."""
+    """What generate returns: x (B, L), the samples; calls (B, L), the call that decoded each position (1 for the
+    first, 0 for given tokens); nfe; logits, each call's (B, k, V) in float32 or wider if return_logits, else None."""
     x: torch.Tensor
     calls: torch.Tensor
     nfe: int
@@ -449,8 +443,8 @@ class EsoLM(Transformer):
         """One Monte Carlo draw of the NELBO of each row of x (B, L), nats per sequence, both terms on every row.
         Generation has two stages, all-masks -> z0 by diffusion, then z0 -> x left to right, so
             -log p(x) <= AR term (-log p(x | z0), teacher-forced) + MDM term (MDLM's bound on z0, t in [0, 1]),
-        up to the schedule's floor: alpha_1 = alpha0 EPS > 0, so the bound sits below -log p(x) by at most about
-        EPS times the per-token cross-entropies (0.004 nats for L = 4, measured by enumeration)."""
+        up to the schedule's floor: alpha_1 = alpha0 EPS > 0, so the bound may sit below -log p(x) by at most about
+        EPS times the per-token cross-entropies."""
         self._check_x(x)
         self._check_alpha0(alpha0)
         t = stratified_t(x.size(0), x.device, generator)
@@ -480,15 +474,6 @@ class EsoLM(Transformer):
         if n_mdm < B:
             ar = self._ar_term(x[n_mdm:], alpha0).sum() / ((B - n_mdm) * L)
         return mdm, ar
-
-    def loss_flops(self, B, alpha0, batch_split=0.5):
-        """FLOPs of forward + backward of `loss` on B rows, for MFU: 6 per weight per fed token (embedding lookups
-        are free) plus attention, 12 n_layer C L per token (nanoGPT's count). An MDM row feeds L tokens, an AR row
-        L x-tokens plus one z-query per masked position, about (1 - alpha0) L."""
-        L, C = self.config.block_size, self.config.n_embd
-        n_mdm = mdm_rows(B, alpha0, batch_split)
-        fed = n_mdm * L + (B - n_mdm) * (2 - alpha0) * L
-        return (6 * (self.num_params() - self.wte.weight.numel()) + 12 * self.config.n_layer * C * L) * fed
 
     def _mdm_term(self, x, alpha0, t, generator=None):
         """sum_{l in M(z_t)} -log p(x_l | z_t) for each row (unweighted), and |M(z_t)|."""
@@ -564,9 +549,9 @@ class EsoLM(Transformer):
         The plan: by default the binomial schedule over T = steps and a random order per row (random_plan); with
         subcontext_len = S (a divisor of L), the paper's structured order (subcontext_plan: steps is not used).
         prompt: ids (T,) or (num_samples, T), T <= L; mask ids inside it are positions to generate (infilling).
-        kv_cache (default: on for Eso-LMs, off for MDLM): False runs the uncached reference, a full L-token forward
-        per call (what MDLM pays); both give the same tokens. compile=True runs each cached call as one static-shape
-        compiled graph (static_cache.py; CUDA graphs on a GPU). `generator` must live on the model's device."""
+        kv_cache (default: on, off for MDLM): False runs the uncached reference, a full L-token forward per call (what
+        MDLM pays), with the same tokens. compile=True runs each cached call as a static-shape compiled graph
+        (static_cache.py; CUDA graphs on a GPU). `generator` must live on the model's device."""
         self._check_alpha0(alpha0)
         L = self.config.block_size
         check(isinstance(num_samples, int) and num_samples >= 1, "num_samples", num_samples, "must be an int >= 1")
@@ -587,9 +572,8 @@ class EsoLM(Transformer):
         was_training = self.training
         self.eval()  # dropout off: the cached and reference paths must compute the same function
         try:
-            with sdpa_kernel(SAMPLER_ATTENTION):
-                logits = self.decode(zs, order, ks, n_seq, lambda lg: sample_tokens(lg, temperature, top_p, generator),
-                                     kv_cache, compile, return_logits)
+            logits = self.decode(zs, order, ks, n_seq, lambda lg: sample_tokens(lg, temperature, top_p, generator),
+                                 kv_cache, compile, return_logits)
         finally:
             self.train(was_training)
         calls = torch.repeat_interleave(torch.arange(len(ks) + 1, device=z.device),
@@ -600,12 +584,11 @@ class EsoLM(Transformer):
     def feeds(self, ks, n_seq):
         """The cached calls of a plan, as Feeds. Why the cache is exact, for (B): under the causal mask over the
         generation order, a token's keys and values at every layer depend only on the tokens before it in the order;
-        once it is clean, those are clean too and never change, so its keys/values are final and computed once. A
-        call feeds only what the cache lacks: the tokens decoded by the last call (now clean, with their ids) and
-        the k masks to decode now. The masks not fed yet come after every fed token in the order, so no fed query may
-        see them: leaving them out changes nothing. (A)'s clean tokens see each other both ways, so each new one
-        changes the others: its diffusion phase keeps nothing (it feeds the whole clean block again), and at the
-        switch to the sequential phase the block freezes and (A) caches like (B)."""
+        once it is clean, those are clean too and never change, so its keys/values are final and computed once. So a
+        call feeds only what the cache lacks: the tokens decoded by the last call (now clean, with their ids) and the
+        k masks to decode now. (A)'s clean tokens see each other both ways, so each new one changes the others: its
+        diffusion phase keeps nothing, and at the switch to the sequential phase the block freezes and (A) caches
+        like (B)."""
         L = self.config.block_size
         d, c_switch, n_cached, feeds = L - sum(ks), L - n_seq, 0, []  # d: tokens decoded so far, the given included
         for k in ks:
@@ -627,19 +610,21 @@ class EsoLM(Transformer):
             nh, C, i = self.config.n_head, self.config.n_embd, torch.arange(L, device=zs.device)
             caches = [KVCache(B, nh, L, C // nh, self.compute_dtype(), zs.device) for _ in self.blocks]
 
-            def call(f):  # each fed token sees every cached key, and the fed ones up to itself ((A): its block too)
+            def call(f):  # each fed token sees every cached key and the fed ones up to itself ((A): its block too);
+                # the masks not fed yet come after every fed token in the order, so leaving them out changes nothing
                 lo, hi = f.n_cached, f.d + f.k
-                return self(zs[:, lo:hi], order[:, lo:hi], visible(i[lo:hi], i[:hi], f.prefix), caches, lo)
+                h = self(zs[:, lo:hi], order[:, lo:hi], visible(i[lo:hi], i[:hi], f.prefix), caches, lo)
+                return h[:, f.d - lo:]
+        else:
+            def call(f):  # the uncached reference: the whole canvas at every call
+                return self.diffusion_forward(zs, order, torch.full((B,), f.prefix, device=zs.device))[:, f.d:f.d + f.k]
         kept = []
-        for f in feeds:
-            if kv_cache:
-                h = call(f)[:, f.d - f.n_cached:]
-            else:
-                h = self.diffusion_forward(zs, order, torch.full((B,), f.prefix, device=zs.device))[:, f.d:f.d + f.k]
-            logits = self.lm_head(h)  # (B, k, V) in the compute dtype; sample_tokens upcasts to float64
-            zs[:, f.d:f.d + f.k] = pick(logits)
-            if keep_logits:
-                kept.append(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        with sdpa_kernel(SAMPLER_ATTENTION):
+            for f in feeds:
+                logits = self.lm_head(call(f))  # (B, k, V) in the compute dtype; sample_tokens upcasts to float64
+                zs[:, f.d:f.d + f.k] = pick(logits)
+                if keep_logits:
+                    kept.append(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         return kept if keep_logits else None
 
     def _prompt_template(self, prompt, B):

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from esolm import EsoLM, EsoLMConfig, check
+from esolm import EsoLM, EsoLMConfig, check, mdm_rows
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: the default denominator of MFU
 DTYPES = ("auto", "bfloat16", "float32")  # the --dtype of every script
@@ -55,6 +55,16 @@ def autocast(device, dtype="auto"):
     if dtype == "float32":
         return contextlib.nullcontext(), dtype
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16), dtype
+
+
+def loss_flops(model, B, alpha0, batch_split=0.5):
+    """FLOPs of forward + backward of model.loss on B rows, for MFU: 6 per weight per fed token (embedding lookups
+    are free) plus attention, 12 n_layer C L per token (nanoGPT's count). An MDM row feeds L tokens, an AR row L
+    x-tokens plus one z-query per masked position, about (1 - alpha0) L."""
+    L, C = model.config.block_size, model.config.n_embd
+    n_mdm = mdm_rows(B, alpha0, batch_split)
+    fed = n_mdm * L + (B - n_mdm) * (2 - alpha0) * L
+    return (6 * (model.num_params() - model.wte.weight.numel()) + 12 * model.config.n_layer * C * L) * fed
 
 
 # ----------------------------------------------------------------------------------------------------------

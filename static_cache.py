@@ -75,9 +75,10 @@ class StaticCalls:
         self.params = iter(torch.tensor(rows, dtype=torch.long).to(zs.device))
 
     def __call__(self, f):
+        """The hidden states (B, k, C) of the k tokens the call decodes, as EsoLM.decode's eager call returns them."""
         lo, n = f.n_cached, f.d + f.k - f.n_cached
         P = bucket(n)
         idx = F.pad(self.zs[:, lo:lo + n], (0, P - n), value=self.mask_id)
         pos = F.pad(self.order[:, lo:lo + n], (0, P - n))
         torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs have been read: its buffers may go
-        return self.step(idx, pos, next(self.params))[:, :n]
+        return self.step(idx, pos, next(self.params))[:, f.d - lo:n]

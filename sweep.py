@@ -1,18 +1,18 @@
 """
-The paper's alpha0 story at small scale: train Eso-LM (B) at several alpha0 on the same data, model, seed and
-token budget, then compare likelihoods and sample quality. Resumable: each finished run is one row of
-<out>/results.json, and a rerun skips what is done.
+The paper's Table 1 at small scale: train Eso-LM (B) at several alpha0, and the MDLM baseline, on the same data,
+model, seed and token budget, then compare likelihoods and sample quality. Resumable: each finished run is one row
+of <out>/results.json, and a rerun skips what is done.
 
     python sweep.py                              # train.py's defaults (the CPU preset without a GPU)
-    python sweep.py --alpha0s 0 0.25 1           # a subset
+    python sweep.py --alpha0s 0 0.25 1 --no-mdlm # a subset
     python sweep.py --train_args --max_iters=2000 --block_size=512   # any train.py settings, for every run
 
 For each run, on the same held-out windows with the same noise (mean +- standard error over the windows): the
-NELBO, the "exact" likelihood of the sampler with one token per call for K = 1 and K = 16 generation orders (see
-evaluate.py), and their paired differences. For alpha0 in --gen_alpha0s: samples at several numbers of diffusion
-steps T, scored by the alpha0 = 0 run (a pure AR model trained on the same data: generative perplexity), their
-mean unigram entropy, and for byte-level data their corpus word rate. Writes results.json, results.csv and, with
-matplotlib installed, sweep.png.
+NELBO, and for Eso-LM (B) the "exact" likelihood of the sampler with one token per call for K = 1 and K = 16
+generation orders (see evaluate.py), and their paired differences. For alpha0 in --gen_alpha0s and the MDLM run:
+samples at several numbers of diffusion steps T, scored by the alpha0 = 0 run (a pure AR model trained on the same
+data: generative perplexity, evaluate.generative_nll), their mean unigram entropy, and for byte-level data their
+corpus word rate. Writes results.json, results.csv and, with matplotlib installed, sweep.png.
 """
 import argparse
 import csv
@@ -26,54 +26,52 @@ import time
 import numpy as np
 import torch
 
-from runtime import autocast, load_model, resolve_device
-from evaluate import corpus_word_rate, held_out_windows, mean_se, per_token, training_words
+import prepare_data
+from esolm import SettingError
+from evaluate import (byte_texts, corpus_word_rate, generative_nll, held_out_windows, mean_se, per_token,
+                      training_words, unigram_entropy)
+from runtime import autocast, check_args, load_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default="sweep", help="folder for the runs and the results")
 parser.add_argument("--alpha0s", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5, 1.0])
+parser.add_argument("--mdlm", action=argparse.BooleanOptionalAction, default=True, help="the MDLM baseline's row")
 parser.add_argument("--gen_alpha0s", type=float, nargs="+", default=[1.0, 0.25], help="runs whose samples are scored")
 parser.add_argument("--gen_steps", type=int, nargs="+", default=[16, 64, 128], help="T; only T <= L are used")
 parser.add_argument("--eval_windows", type=int, default=128, help="held-out windows for the likelihoods")
 parser.add_argument("--num_samples", type=int, default=32, help="samples per (run, steps) for generative perplexity")
 parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="more train.py settings, last")
 args = parser.parse_args()
-for key, ok, rule in (("alpha0s", all(0 <= a <= 1 for a in args.alpha0s + args.gen_alpha0s), "each in [0, 1]"),
-                      ("gen_steps", all(s >= 1 for s in args.gen_steps), "each at least 1"),
-                      ("eval_windows", args.eval_windows >= 2, "at least 2 (for a standard error)"),
-                      ("num_samples", args.num_samples >= 1, "at least 1")):
-    if not ok:
-        sys.exit(f"sweep.py: --{key}: must be {rule}")
-device = resolve_device("auto")
+try:
+    device = check_args(args, (
+        ("alpha0s", all(0 <= a <= 1 for a in args.alpha0s + args.gen_alpha0s), "each must be in [0, 1]"),
+        ("gen_steps", all(s >= 1 for s in args.gen_steps), "each must be at least 1"),
+        ("eval_windows", args.eval_windows >= 2, "must be at least 2 (for a standard error)"),
+        ("num_samples", args.num_samples >= 2, "must be at least 2 (for a standard error)")))
+except SettingError as e:
+    sys.exit(f"sweep.py: {e}")
 amp, _ = autocast(device)  # as sample.py: bfloat16 on a GPU that has it
 os.makedirs(args.out, exist_ok=True)
 results_path = os.path.join(args.out, "results.json")
 results = json.load(open(results_path)) if os.path.exists(results_path) else []
-alpha0s = sorted(set(args.alpha0s) | {0.0})  # the AR model (alpha0 = 0) scores the samples of the others
+# the runs: (name, alpha0, variant). The AR model (alpha0 = 0) is always trained: it scores the samples of the others
+RUNS = [(f"alpha0_{a:g}", a, "B") for a in sorted(set(args.alpha0s) | {0.0})] + [("mdlm", 1.0, "MDLM")] * args.mdlm
 
 
-def run_dir(alpha0):
-    return os.path.join(args.out, f"alpha0_{alpha0:g}")
+def run_name(row):
+    return "mdlm" if row["variant"] == "MDLM" else f"alpha0_{row['alpha0']:g}"
 
 
-def train(alpha0):
+def train(name, alpha0, variant):
     """train.py in a subprocess, resumed if a checkpoint is there; returns its wall time in seconds."""
-    resume = ["--init_from=resume"] if os.path.exists(os.path.join(run_dir(alpha0), "ckpt.pt")) else []
-    cmd = [sys.executable, "train.py", f"--alpha0={alpha0}", f"--out_dir={run_dir(alpha0)}", *args.train_args, *resume]
+    out_dir = os.path.join(args.out, name)
+    resume = ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
+    cmd = [sys.executable, "train.py", f"--alpha0={alpha0}", f"--variant={variant}", f"--out_dir={out_dir}",
+           *args.train_args, *resume]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)
     return time.time() - t0
-
-
-def load(alpha0):
-    return load_model(run_dir(alpha0), device=device)  # (model with its EMA weights if saved, checkpoint)
-
-
-def unigram_entropy(row):
-    counts = np.bincount(row)
-    p = counts[counts > 0] / len(row)
-    return float(-(p * np.log(p)).sum())
 
 
 def fixed_noise():
@@ -81,44 +79,44 @@ def fixed_noise():
 
 
 # -----------------------------------------------------------------------------------------------------------
-# train every alpha0 (the README's default, 0.25, first), then evaluate each run
+# train every run not yet in results.json (the README's default, alpha0 = 0.25, first), then evaluate each
 
-done = {r["alpha0"]: r for r in results}
+done = {run_name(r) for r in results}
 walls = {}
-for alpha0 in sorted(alpha0s, key=lambda a: (a != 0.25, a)):
-    if alpha0 not in done:
-        walls[alpha0] = train(alpha0)
-scorer, _ = load(0.0)
-for alpha0 in alpha0s:
-    if alpha0 in done:
+for name, alpha0, variant in sorted(RUNS, key=lambda r: r[1] != 0.25):
+    if name not in done or (name == "alpha0_0" and not os.path.exists(os.path.join(args.out, name, "ckpt.pt"))):
+        walls[name] = train(name, alpha0, variant)
+scorer, _ = load_model(os.path.join(args.out, "alpha0_0"), device=device)
+for name, alpha0, variant in RUNS:
+    if name in done:
         continue
-    model, ckpt = load(alpha0)
+    model, ckpt = load_model(os.path.join(args.out, name), device=device)  # its EMA weights if saved
     L, data = model.config.block_size, (ckpt["train_config"]["data_dir"], ckpt["train_config"]["dataset"])
+    tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
     x = held_out_windows(*data, L, args.eval_windows).to(device)
-    row = {"alpha0": alpha0, "variant": model.config.variant, "train_seconds": walls.get(alpha0),
-           "params": model.num_params(), "block_size": L, "windows": len(x)}
+    row = {"alpha0": alpha0, "variant": variant, "train_seconds": walls.get(name), "params": model.num_params(),
+           "block_size": L, "windows": len(x)}
     with amp:
         gen = fixed_noise()
         nelbo = per_token(lambda b: model.nelbo(b, alpha0, gen), x)
         row["nelbo"], row["nelbo_se"] = mean_se(nelbo)
-        for k in (1, 16) if model.config.variant == "B" else ():  # (A) has no exact likelihood
+        for k in (1, 16) if variant == "B" else ():  # the exact likelihood of (B) only
             gen = fixed_noise()
             exact = per_token(lambda b: model.exact_nll(b, alpha0, k, gen), x)
             row[f"exact_k{k}"], row[f"exact_k{k}_se"] = mean_se(exact)
             row[f"exact_k{k}_minus_nelbo"], row[f"exact_k{k}_minus_nelbo_se"] = mean_se(exact - nelbo)
-        if alpha0 in args.gen_alpha0s or alpha0 == 0.0:
-            words = training_words(*data) if ckpt["dataset_meta"]["tokenizer"] == "bytes" else None
+        if alpha0 in args.gen_alpha0s or alpha0 == 0.0 or variant == "MDLM":
+            words = training_words(*data) if tokenizer.name == "bytes" else None
             for steps in (s for s in args.gen_steps if s <= L):
                 gen = fixed_noise()
                 t0 = time.time()
                 samples = model.generate(args.num_samples, alpha0, steps, generator=gen).x
                 row[f"gen_seconds_T{steps}"] = time.time() - t0
-                row[f"gen_nll_T{steps}"], row[f"gen_nll_T{steps}_se"] = mean_se(
-                    per_token(lambda b: scorer.nelbo(b, 0.0), samples))
+                row[f"gen_nll_T{steps}"], row[f"gen_nll_T{steps}_se"] = generative_nll(scorer, samples,
+                                                                                       tokenizer.eot_id)
                 row[f"entropy_T{steps}"] = float(np.mean([unigram_entropy(r) for r in samples.cpu().numpy()]))
                 if words is not None:
-                    texts = [bytes(r).decode("utf-8", errors="replace") for r in samples.tolist()]
-                    row[f"word_rate_T{steps}"] = corpus_word_rate(texts, words)
+                    row[f"word_rate_T{steps}"] = corpus_word_rate(byte_texts(samples), words)
     print(json.dumps(row), flush=True)
     results.append(row)
     with open(results_path + ".tmp", "w") as f:
@@ -126,9 +124,9 @@ for alpha0 in alpha0s:
     os.replace(results_path + ".tmp", results_path)
 
 # -----------------------------------------------------------------------------------------------------------
-# table, CSV, plot
+# table, CSV, plot: the AR model, then MDLM, then Eso-LM (B) by alpha0, as the paper's Table 1
 
-results.sort(key=lambda r: r["alpha0"])
+results.sort(key=lambda r: (r["alpha0"] != 0, r["variant"] != "MDLM", r["alpha0"]))
 keys = list(dict.fromkeys(k for r in results for k in r))
 with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=keys)
@@ -141,6 +139,10 @@ def ppl(r, key):
     return f"{math.exp(r[key]):6.2f} +- {math.exp(r[key]) * r[key + '_se']:4.2f}" if key in r else " " * 14
 
 
+def label(r):
+    return "MDLM" if r["variant"] == "MDLM" else f"{r['alpha0']:g}"
+
+
 steps_used = sorted({int(k[len("gen_nll_T"):]) for r in results for k in r if k.startswith("gen_nll_T")
                      and not k.endswith("_se")})
 print("\nalpha0  NELBO ppl         exact ppl K=1     K=16              K=1 - NELBO (nats/token)  "
@@ -148,7 +150,7 @@ print("\nalpha0  NELBO ppl         exact ppl K=1     K=16              K=1 - NEL
 for r in results:
     diff = f"{r['exact_k1_minus_nelbo']:+.4f} +- {r['exact_k1_minus_nelbo_se']:.4f}" if "exact_k1" in r else ""
     gen = "  ".join(f"{ppl(r, f'gen_nll_T{s}')}  {r.get(f'word_rate_T{s}', math.nan):6.1%}" for s in steps_used)
-    print(f"{r['alpha0']:6g}  {ppl(r, 'nelbo')}  {ppl(r, 'exact_k1')}  {ppl(r, 'exact_k16')}  {diff:24s}  {gen}")
+    print(f"{label(r):6s}  {ppl(r, 'nelbo')}  {ppl(r, 'exact_k1')}  {ppl(r, 'exact_k16')}  {diff:24s}  {gen}")
 try:
     import matplotlib
     matplotlib.use("Agg")
@@ -165,17 +167,21 @@ def errorbar(ax, xs, means, ses, **kw):
 
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-for key, label in (("nelbo", "NELBO (bound)"), ("exact_k1", "exact, K = 1"), ("exact_k16", "exact, K = 16")):
-    rows = [r for r in results if key in r]
+eso = [r for r in results if r["variant"] == "B"]
+for key, name in (("nelbo", "NELBO (bound)"), ("exact_k1", "exact, K = 1"), ("exact_k16", "exact, K = 16")):
+    rows = [r for r in eso if key in r]
     errorbar(ax1, [r["alpha0"] for r in rows], [r[key] for r in rows], [r[key + "_se"] for r in rows], fmt="o-",
-             label=label)
+             label=name)
+for r in results:
+    if r["variant"] == "MDLM":  # the baseline, beside alpha0 = 1
+        errorbar(ax1, [1.0], [r["nelbo"]], [r["nelbo_se"]], fmt="D", color="black", label="MDLM, NELBO")
 ax1.set(xlabel="alpha0 (0 = AR, 1 = MDM)", ylabel="validation perplexity (per token)", title="Likelihood vs alpha0")
 ax1.legend()
 for r in results:
     steps = [s for s in steps_used if f"gen_nll_T{s}" in r]
-    if r["alpha0"] in args.gen_alpha0s and steps:
+    if (r["alpha0"] in args.gen_alpha0s or r["variant"] == "MDLM") and steps and r["alpha0"] > 0:
         errorbar(ax2, steps, [r[f"gen_nll_T{s}"] for s in steps], [r[f"gen_nll_T{s}_se"] for s in steps], fmt="o-",
-                 label=f"alpha0 = {r['alpha0']:g}")
+                 label="MDLM" if r["variant"] == "MDLM" else f"alpha0 = {r['alpha0']:g}")
 ar = next((r for r in results if r["alpha0"] == 0.0 and f"gen_nll_T{steps_used[0]}" in r), None) if steps_used else None
 if ar:  # the scorer's perplexity on its own samples: the floor an AR model of this size reaches
     ax2.axhline(math.exp(ar[f"gen_nll_T{steps_used[0]}"]), color="gray", ls="--", label="AR model (alpha0 = 0)")

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 import prepare_data
 from esolm import LOSS_TYPES, EsoLM, EsoLMConfig, check
-from runtime import DTYPES, H100_BF16_FLOPS, autocast, load_checkpoint, load_model, resolve_device, save_checkpoint
+from runtime import (DTYPES, H100_BF16_FLOPS, autocast, load_checkpoint, load_model, loss_flops, resolve_device,
+                     save_checkpoint)
 
 
 def setting(default, help):
@@ -95,11 +96,12 @@ class TrainConfig:
         need(self.dataset and "/" not in self.dataset, "dataset", "must be the name of a folder in data_dir")
         need(0 <= self.alpha0 <= 1, "alpha0", "must be in [0, 1] (0: pure AR, 1: pure MDM)")
         need(self.alpha0 == 1 or self.variant != "MDLM", "alpha0", "variant MDLM is a pure MDM: alpha0 = 1 only")
-        need(0 < self.batch_split < 1 or self.alpha0 in (0, 1), "batch_split",
+        pure = self.alpha0 == 0 or self.alpha0 == 1  # one term of the NELBO only
+        need(0 < self.batch_split < 1 or pure, "batch_split",
              "must be in (0, 1) when 0 < alpha0 < 1: each batch feeds both terms of the NELBO")
         for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             need(getattr(self, key) >= 1, key, "must be at least 1")
-        need(self.batch_size >= 2 or self.alpha0 in (0, 1), "batch_size",
+        need(self.batch_size >= 2 or pure, "batch_size",
              "must be at least 2 when 0 < alpha0 < 1: one row for each term of the NELBO")
         need(self.learning_rate > 0, "learning_rate", "must be positive")
         need(0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]")
@@ -358,7 +360,7 @@ def evaluate(m):
     return out
 
 
-flops_per_iter = model.loss_flops(cfg.batch_size, cfg.alpha0, cfg.batch_split) * cfg.gradient_accumulation_steps
+flops_per_iter = loss_flops(model, cfg.batch_size, cfg.alpha0, cfg.batch_split) * cfg.gradient_accumulation_steps
 tokens_per_iter = cfg.batch_size * L * cfg.gradient_accumulation_steps  # all processes together
 
 
