@@ -60,6 +60,8 @@ parser.add_argument("--compile", action="store_true", help="the cached calls as 
 parser.add_argument("--subcontext_len", type=int, default=0, help="Eso-LM (B) in the structured order of this S")
 parser.add_argument("--subcontext_shuffle", action="store_true")
 parser.add_argument("--bd3_blocks", type=int, nargs="*", default=[4, 8, 16], help="--throughput: BD3-LM block sizes")
+parser.add_argument("--rows", nargs="+", default=["AR", "MDLM", "B", "A", "BD3"],
+                    help="--throughput: the rows to time, of AR MDLM B A BD3")
 parser.add_argument("--peak_flops", type=float, default=H100_BF16_FLOPS, help="for MFU on CUDA (default: H100 SXM)")
 parser.add_argument("--skip_sampling", action="store_true")
 parser.add_argument("--skip_training", action="store_true")
@@ -94,6 +96,7 @@ try:  # every setting, and the model's own checks, before any work
                                for L in args.lengths or [args.block_size]), "must divide every L (0: random order)"),
         ("bd3_blocks", all(b >= 1 and L % b == 0 for b in args.bd3_blocks for L in args.lengths or [args.block_size]),
          "each block size must divide every L"),
+        ("rows", set(args.rows) <= {"AR", "MDLM", "B", "A", "BD3"}, "each must be one of AR MDLM B A BD3"),
         ("peak_flops", args.peak_flops > 0, "must be positive")))
     EsoLMConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                 n_embd=args.n_embd)
@@ -164,14 +167,14 @@ results = {"machine": machine, "torch": torch.__version__, "dtype": dtype, "args
 def network_calls(model, plan, kv_cache, n_calls=None):
     """A function that runs the network calls of a plan (order, ks, n_seq) drawn beforehand, without sampling tokens
     (the canvas keeps its masks' ids, as the official timing skips the writes too), and returns the calls made."""
-    order, ks, n_seq = plan
-    ks = ks[:n_calls] if n_calls else ks
+    if n_calls:  # the first n_calls calls only
+        plan = plan._replace(ks=plan.ks[:n_calls], n_seq=max(0, plan.n_seq - (len(plan.ks) - n_calls)))
 
     def fn():
-        zs = torch.full_like(order, model.mask_id)
+        zs = torch.full_like(plan.order, model.mask_id)
         with amp, torch.no_grad():
-            model.decode(zs, order, ks, min(n_seq, len(ks)), lambda logits: model.mask_id, kv_cache, args.compile)
-        return len(ks)
+            model.decode(zs, plan, lambda logits: model.mask_id, kv_cache, args.compile)
+        return len(plan.ks)
     return fn
 
 
@@ -212,23 +215,30 @@ if args.throughput:
                     if args.subcontext_len else random_plan(to_gen, 1.0, L, g))
         mdlm_plan = random_plan(to_gen, 1.0, L, g)
         row = {"L": L, "batch": B}
-        cases = {"AR": (network_calls(models["B"], random_plan(to_gen, 0.0, L, g), True), 1.0),
-                 "Eso-LM (B)": (network_calls(models["B"], eso_plan, True), 1.0),
-                 "Eso-LM (A) alpha0=0.25": (network_calls(models["A"], random_plan(to_gen, 0.25, L, g), True), 1.0)}
-        n_mdlm = min(args.uncached_calls, len(mdlm_plan[1])) or len(mdlm_plan[1])
-        cases["MDLM"] = (network_calls(models["MDLM"], mdlm_plan, False, n_mdlm), len(mdlm_plan[1]) / n_mdlm)
-        cases |= {f"BD3-LM b={b} (cost model)": (bd3_calls(models["B"], B, b), 1.0) for b in args.bd3_blocks}
+        cases = {}
+        if "AR" in args.rows:
+            cases["AR"] = (network_calls(models["B"], random_plan(to_gen, 0.0, L, g), True), 1.0)
+        if "B" in args.rows:
+            cases["Eso-LM (B)"] = (network_calls(models["B"], eso_plan, True), 1.0)
+        if "A" in args.rows:
+            cases["Eso-LM (A) alpha0=0.25"] = (network_calls(models["A"], random_plan(to_gen, 0.25, L, g), True), 1.0)
+        if "MDLM" in args.rows:
+            n_mdlm = min(args.uncached_calls, len(mdlm_plan.ks)) or len(mdlm_plan.ks)
+            cases["MDLM"] = (network_calls(models["MDLM"], mdlm_plan, False, n_mdlm), len(mdlm_plan.ks) / n_mdlm)
+        if "BD3" in args.rows:
+            cases |= {f"BD3-LM b={b} (cost model)": (bd3_calls(models["B"], B, b), 1.0) for b in args.bd3_blocks}
         for name, (fn, scale) in cases.items():
             seconds, calls = throughput_row(fn, scale)
             row[name] = {"seconds": seconds, "nfe": round(calls * scale)} | (
                 {"estimated_from_calls": calls} if scale != 1 else {})
             print(f"L = {L:5d}, batch {B}: {name:26s} NFE {row[name]['nfe']:5d}  {seconds:9.3f} s"
                   + (f"  (estimated from {calls} calls)" if scale != 1 else ""), flush=True)
-        b_sec = row["Eso-LM (B)"]["seconds"]
-        row["ratios"] = {"MDLM / Eso-LM (B)": row["MDLM"]["seconds"] / b_sec,
-                         "Eso-LM (B) / AR": b_sec / row["AR"]["seconds"],
-                         **{f"BD3-LM b={b} / Eso-LM (B)": row[f"BD3-LM b={b} (cost model)"]["seconds"] / b_sec
-                            for b in args.bd3_blocks}}
+        seconds = {name: r["seconds"] for name, r in row.items() if isinstance(r, dict)}
+        b_sec = seconds.get("Eso-LM (B)")
+        row["ratios"] = {f"{name.removesuffix(' (cost model)')} / Eso-LM (B)": s / b_sec for name, s in seconds.items()
+                         if b_sec and name.startswith(("MDLM", "BD3"))}
+        if b_sec and "AR" in seconds:
+            row["ratios"]["Eso-LM (B) / AR"] = b_sec / seconds["AR"]
         print("   " + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratios"].items()), flush=True)
         rows.append(row)
         del models
@@ -254,7 +264,7 @@ if args.lengths and not args.throughput:
             fn()
         secs, nfe = median_times(cases)
         to_gen = torch.ones(1, L, dtype=torch.bool, device=device)  # MDLM's NFE: the plan its sampler draws first
-        mdlm_nfe = len(random_plan(to_gen, 1.0, L, torch.Generator(device=device).manual_seed(0))[1])
+        mdlm_nfe = len(random_plan(to_gen, 1.0, L, torch.Generator(device=device).manual_seed(0)).ks)
         row = {"L": L, "nfe": nfe["(b) Eso-LM (B)"], "nfe_mdlm": mdlm_nfe, "nfe_ar": nfe["(c) AR"],
                "nfe_A": nfe["Eso-LM (A) a0=0.25"], "b": secs["(b) Eso-LM (B)"], "c": secs["(c) AR"],
                "A": secs["Eso-LM (A) a0=0.25"]}

@@ -323,9 +323,15 @@ def clean_first_order(clean, shuffle, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling plans: how many tokens each network call decodes, and in which order. A plan is (order, ks, n_seq):
-# order (B, L) the positions in generation order, the given tokens (prompt) first; ks the tokens decoded by each
-# call (NFE = len(ks)); n_seq how many of the last calls form the sequential phase (one token each, left to right).
+# Sampling plans: which positions each network call decodes
+
+class Plan(NamedTuple):
+    """order (B, L): the positions in generation order, the given tokens (prompt) first; ks: the tokens decoded by
+    each call (NFE = len(ks)); n_seq: how many of the last calls form the sequential phase (one token each)."""
+    order: torch.Tensor
+    ks: list
+    n_seq: int
+
 
 def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
     """Tokens decoded per call of the diffusion phase, k_1..k_S (empty steps dropped), and the tokens left to the
@@ -348,7 +354,7 @@ def random_plan(to_gen, alpha0, steps, generator=None):
     ks, n_seq = reveal_schedule(n_gen, alpha0, steps, to_gen.device, generator)
     order = (rand(B, L, device=to_gen.device, generator=generator) + to_gen).argsort(1)  # given first, then random
     n_first = L - n_seq
-    return torch.cat([order[:, :n_first], order[:, n_first:].sort(1).values], 1), ks + [1] * n_seq, n_seq
+    return Plan(torch.cat([order[:, :n_first], order[:, n_first:].sort(1).values], 1), ks + [1] * n_seq, n_seq)
 
 
 def subcontext_plan(to_gen, S, alpha0, shuffle, generator=None):
@@ -370,7 +376,7 @@ def subcontext_plan(to_gen, S, alpha0, shuffle, generator=None):
     check(bool((counts == counts[:1]).all()), "prompt", "(rows with different given positions)",
           "a subcontext order needs the same given positions in every row (the rows share the calls)")
     n_seq = int(to_gen[0].sum()) - int(counts[0].sum())
-    return order, [k for k in counts[0, :n_pattern].tolist() if k] + [1] * n_seq, n_seq
+    return Plan(order, [k for k in counts[0, :n_pattern].tolist() if k] + [1] * n_seq, n_seq)
 
 
 def sample_tokens(logits, temperature, top_p, generator=None):
@@ -529,11 +535,10 @@ class EsoLM(Transformer):
 
     def _check_x(self, x):
         L, V = self.config.block_size, self.config.vocab_size
-        check(torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long, "x",
-              (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__,
-              f"must be a LongTensor of shape (B, {L})")
-        check(not x.numel() or (x.min() >= 0 and x.max() < V), "x", "...", f"holds ids outside [0, {V}) (real "
-              f"tokens only; the mask id {V} is not allowed)")
+        ok = torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long
+        got = (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else x
+        check(ok, "x", got, f"must be a LongTensor of shape (B, {L})")
+        check(not x.numel() or (x.min() >= 0 and x.max() < V), "x", "...", f"holds ids outside [0, {V}): real tokens")
 
     def _check_alpha0(self, alpha0):
         check(0 <= alpha0 <= 1, "alpha0", alpha0, "must be in [0, 1] (0: pure AR, 1: pure MDM)")
@@ -554,8 +559,8 @@ class EsoLM(Transformer):
         (static_cache.py; CUDA graphs on a GPU). `generator` must live on the model's device."""
         self._check_alpha0(alpha0)
         L = self.config.block_size
-        check(isinstance(num_samples, int) and num_samples >= 1, "num_samples", num_samples, "must be an int >= 1")
-        check(isinstance(steps, int) and steps >= 1, "steps", steps, "must be an int >= 1")
+        for key, n in (("num_samples", num_samples), ("steps", steps)):
+            check(isinstance(n, int) and n >= 1, key, n, "must be an int >= 1")
         check(temperature >= 0, "temperature", temperature, "must be at least 0 (0: greedy)")
         check(0 < top_p <= 1, "top_p", top_p, "must be in (0, 1] (1: no nucleus filter)")
         check(subcontext_len == 0 or (1 <= subcontext_len <= L and L % subcontext_len == 0), "subcontext_len",
@@ -566,22 +571,22 @@ class EsoLM(Transformer):
         check(kv_cache or not compile, "compile", compile, "compiles the cached call: it needs kv_cache=True")
         z = self._prompt_template(prompt, num_samples)  # (B, L), the mask id where a token is to be generated
         to_gen = z == self.mask_id
-        order, ks, n_seq = (subcontext_plan(to_gen, subcontext_len, alpha0, subcontext_shuffle, generator)
-                            if subcontext_len else random_plan(to_gen, alpha0, steps, generator))
-        zs = z.gather(1, order)  # sorted: the given tokens, then the masks in generation order
+        plan = (subcontext_plan(to_gen, subcontext_len, alpha0, subcontext_shuffle, generator) if subcontext_len
+                else random_plan(to_gen, alpha0, steps, generator))
+        zs = z.gather(1, plan.order)  # sorted: the given tokens, then the masks in generation order
         was_training = self.training
         self.eval()  # dropout off: the cached and reference paths must compute the same function
         try:
-            logits = self.decode(zs, order, ks, n_seq, lambda lg: sample_tokens(lg, temperature, top_p, generator),
-                                 kv_cache, compile, return_logits)
+            logits = self.decode(zs, plan, lambda lg: sample_tokens(lg, temperature, top_p, generator), kv_cache,
+                                 compile, return_logits)
         finally:
             self.train(was_training)
-        calls = torch.repeat_interleave(torch.arange(len(ks) + 1, device=z.device),
-                                        torch.tensor([L - sum(ks)] + ks, device=z.device))
-        unsort = order.argsort(1)
-        return Samples(zs.gather(1, unsort), calls.expand_as(zs).gather(1, unsort), len(ks), logits)
+        calls = torch.repeat_interleave(torch.arange(len(plan.ks) + 1, device=z.device),
+                                        torch.tensor([L - sum(plan.ks)] + plan.ks, device=z.device))
+        unsort = plan.order.argsort(1)
+        return Samples(zs.gather(1, unsort), calls.expand_as(zs).gather(1, unsort), len(plan.ks), logits)
 
-    def feeds(self, ks, n_seq):
+    def feeds(self, plan):
         """The cached calls of a plan, as Feeds. Why the cache is exact, for (B): under the causal mask over the
         generation order, a token's keys and values at every layer depend only on the tokens before it in the order;
         once it is clean, those are clean too and never change, so its keys/values are final and computed once. So a
@@ -590,19 +595,18 @@ class EsoLM(Transformer):
         diffusion phase keeps nothing, and at the switch to the sequential phase the block freezes and (A) caches
         like (B)."""
         L = self.config.block_size
-        d, c_switch, n_cached, feeds = L - sum(ks), L - n_seq, 0, []  # d: tokens decoded so far, the given included
-        for k in ks:
+        d, c_switch, n_cached, feeds = L - sum(plan.ks), L - plan.n_seq, 0, []  # d: decoded so far, given included
+        for k in plan.ks:
             prefix = 0 if self.config.variant == "B" else min(d, c_switch)
             feeds.append(Feed(n_cached, d, k, prefix))
             n_cached = d if self.config.variant == "B" or d >= c_switch else 0  # the masks' slots are overwritten
             d += k
         return feeds
 
-    def decode(self, zs, order, ks, n_seq, pick, kv_cache=True, compile=False, keep_logits=False):
-        """Run the network calls of a plan (order, ks, n_seq) on zs (B, L), the sorted canvas, filling its masks in
-        place; pick(logits (B, k, V)) -> token ids (B, k). Returns the logits of each call if keep_logits."""
-        B, L = zs.shape
-        feeds = self.feeds(ks, n_seq)
+    def decode(self, zs, plan, pick, kv_cache=True, compile=False, keep_logits=False):
+        """Run the network calls of a plan on zs (B, L), the sorted canvas, filling its masks in place;
+        pick(logits (B, k, V)) -> token ids (B, k). Returns the logits of each call if keep_logits."""
+        (B, L), order, feeds = zs.shape, plan.order, self.feeds(plan)
         if compile:  # the same calls, padded to a few static shapes and compiled: beside this file, not the lesson
             from static_cache import StaticCalls
             call = StaticCalls(self, zs, order, feeds)

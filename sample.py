@@ -80,7 +80,9 @@ def explain(L=8, alpha0=0.5, steps=4, seed=16):
     letters = [chr(ord("a") + i) for i in range(26)] + ["_"]
     out = model.generate(1, alpha0, steps, generator=torch.Generator().manual_seed(seed))
     # the plan generate drew first from the same generator: the order, the tokens per call, the sequential calls
-    order, ks, n_seq = random_plan(torch.ones(1, L, dtype=torch.bool), alpha0, steps, torch.Generator().manual_seed(seed))
+    to_gen = torch.ones(1, L, dtype=torch.bool)
+    plan = random_plan(to_gen, alpha0, steps, torch.Generator().manual_seed(seed))
+    order, ks, n_seq = plan
     order, x, call = order[0].tolist(), out.x[0].tolist(), out.calls[0].tolist()
     n_diffusion = L - n_seq
     print(f"Eso-LM (B), L = {L}, alpha0 = {alpha0}, T = {steps} diffusion steps, a tiny random model (seed {seed})\n")
@@ -88,9 +90,12 @@ def explain(L=8, alpha0=0.5, steps=4, seed=16):
           f"{' '.join(map(str, order[n_diffusion:]))}")
     print(f"  the diffusion phase decodes {n_diffusion} positions in a random order, then the sequential phase the "
           f"other {n_seq} left to right")
-    print("sorted layout: slot i of the KV cache holds the i-th position of the order; RoPE rotates it by its position\n")
+    print("sorted layout: cache slot i holds the i-th position of the order, which RoPE rotates it by")
+    print("  slot      " + " ".join(f"{i:2d}" for i in range(L)))
+    print("  position  " + " ".join(f"{p:2d}" for p in order))
+    print("  token     " + " ".join(f"{letters[x[p]]:>2s}" for p in order) + "\n")
     print("call  phase       k  decodes positions  feeds slots  n_cached  canvas after the call")
-    for i, f in enumerate(model.feeds(ks, n_seq)):
+    for i, f in enumerate(model.feeds(plan)):
         phase = "diffusion" if i < len(ks) - n_seq else "sequential"
         canvas = "".join(letters[x[p]] if call[p] <= i + 1 else "_" for p in range(L))
         decoded = " ".join(map(str, order[f.d:f.d + f.k]))
@@ -171,7 +176,8 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     amp, dtype = autocast(device, args.dtype)
     print(f"{source}, variant {config.variant}, L = {config.block_size}; sampling alpha0={alpha0}, steps={steps}, "
-          f"temperature={args.temperature}, top_p={args.top_p}, kv_cache={'default' if args.kv_cache is None else args.kv_cache}, {dtype}"
+          f"temperature={args.temperature}, top_p={args.top_p}, "
+          f"kv_cache={'default' if args.kv_cache is None else args.kv_cache}, {dtype}"
           + (f", subcontext_len={args.subcontext_len}{' shuffled' if args.subcontext_shuffle else ''}"
              if args.subcontext_len else ""))
     batch_size = args.batch_size or args.num_samples

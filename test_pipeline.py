@@ -603,6 +603,15 @@ def test_sample_show_draws_every_call(tiny_data, trained):
     assert "note: sampling at alpha0=0.5, but the model trained at 0.25" in p.stderr
 
 
+def test_readme_worked_example_is_what_explain_prints():
+    """The README's worked example is printed by `sample.py --explain`, not typed by hand: the two must not drift."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    block = readme.split("<!-- sample.py --explain -->\n```\n", 1)[1].split("```", 1)[0]
+    p = run("sample.py", "--explain", cwd=ROOT)
+    assert block == p.stdout and "call  phase" in block
+
+
 def test_corpus_word_rate_on_a_hand_made_example():
     vocabulary = set(words("To be, or not to be: that is the question. O'er the hills"))
     assert vocabulary == {"to", "be", "or", "not", "that", "is", "the", "question", "o'er", "hills"}  # no "O"

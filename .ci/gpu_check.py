@@ -1,24 +1,27 @@
 """
-Check a GPU setup and measure it (10 minutes or more on one H100/H200): one command, results in one folder.
+Check a GPU setup and measure it: one command, results in one folder, the most telling steps first.
 
-    python .ci/gpu_check.py --out=gpu_check          # from the repository root, with data/shakespeare prepared
+    python .ci/gpu_check.py --out=gpu_check                                    # everything: 20 minutes or more
+    python .ci/gpu_check.py --out=gpu_check --skip train sample official compiled   # about 10 minutes
+    python .ci/gpu_check.py --out=gpu_check --smoke                            # a dry run at tiny sizes, any machine
 
-It needs a prepared data/shakespeare (python prepare_data.py: copy the data/ folder to a machine without network)
-and nothing else from outside. Steps, the most telling first, each logged to <out>/log.txt, all results in
-<out>/gpu_check.json:
-1. the test suite's CUDA and bf16 tests (pytest -k "cuda or bf16");
-2. bench.py --device=cuda (12 x 768, GPT-2 vocabulary, bf16): cached vs uncached vs AR at L = 1024 and 2048
-   (--lengths 1024 2048 4096 8192 for the paper's whole table); then the cached sampler's time per call with and
-   without cuDNN attention (esolm.SAMPLER_ATTENTION keeps it off);
-3. train.py with the GPU defaults for --iters iterations: ms/iter, tokens/s, MFU, and whether the loss fell; then
-   again with TORCH_CUDNN_SDPA_PREFERRED=0 (does training pay for cuDNN's plan per shape too?); then torchrun
-   --standalone --nproc_per_node=1 (NCCL) for a few iterations;
-4. sample.py from that checkpoint in float32: the cached sampler and --no-kv_cache must print the same samples;
-5. bench.py's training step at L = 1024 (MFU);
-6. the paper's network through the published-checkpoint loader: a random checkpoint in the authors' format at the
-   published size (12 x 768, GPT-2 vocabulary; the real weights need the hub), then bench.py --init_from at L = 1024;
-7. the compiled paths (--skip compiled leaves them out): bench.py --compile at L = 1024 (the cached sampler's calls
-   through torch.compile: fewer, fused kernels per call) and train.py --compile=True (four graphs).
+Steps, each logged to <out>/log.txt, all results in <out>/gpu_check.json (--skip leaves steps out):
+1. calls: .ci/time_calls.py: at 12 x 768, GPT-2 vocabulary, L = 1024, batch 8, bf16: the eager cached call against
+   the uncached (MDLM) call, each with and without cuDNN attention (the sampler keeps cuDNN off: is that the fix
+   for the cached sampler being slower than the uncached one?); then the static compiled call per bucket (target:
+   at most 1 ms), and the whole loop through it;
+2. throughput: bench.py --throughput at L = 1024 and 2048, the paper's batch sizes: AR, MDLM, Eso-LM (B) and (A),
+   BD3-LM's cost model; then compiled at L = 2048 and batch 8 (target: Eso-LM (B) within 2 s and at most 1.1x AR);
+   then L = 8192 (target: MDLM / Eso-LM (B) at least 65x);
+3. tests: the test suite's CUDA and bf16 tests (pytest -k "cuda or bf16");
+4. train: train.py with the GPU defaults for --iters iterations (ms/iter, tokens/s, MFU, the loss falling), again with
+   TORCH_CUDNN_SDPA_PREFERRED=0, then torchrun --standalone --nproc_per_node=1 (NCCL); needs data/shakespeare
+   (python prepare_data.py, or a copied data/ folder);
+5. sample: sample.py from that checkpoint in float32: the cached sampler and --no-kv_cache print the same samples;
+6. bench: bench.py's training step at L = 1024 (MFU);
+7. official: the paper's network through the published-checkpoint loader (a random checkpoint in the authors' format
+   at the published size, written by dit_reference.py), bench.py --init_from --throughput at L = 1024;
+8. compiled: train.py --compile=True.
 A step that fails is recorded with the end of its output, and the check goes on with the next.
 """
 import argparse
@@ -30,14 +33,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ["calls", "throughput", "tests", "train", "sample", "bench", "official", "compiled"]
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default="gpu_check", help="folder for gpu_check.json, log.txt and the runs")
 parser.add_argument("--iters", type=int, default=300, help="training iterations of each train.py run")
-parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048],
-                    help="L of the bench's speed table (the paper's table also has 4096 and 8192: minutes more)")
-parser.add_argument("--step_timeout", type=int, default=900, help="seconds after which a step is stopped and failed")
-parser.add_argument("--skip", nargs="*", default=[],
-                    choices=["tests", "train", "sample", "bench", "official", "compiled"])
+parser.add_argument("--step_timeout", type=int, default=600, help="seconds after which a step is stopped and failed")
+parser.add_argument("--skip", nargs="*", default=[], choices=STEPS)
 parser.add_argument("--smoke", action="store_true", help="a dry run of this script: tiny sizes, the CPU if no GPU")
 args = parser.parse_args()
 if args.smoke:
@@ -53,8 +54,9 @@ def save():
         json.dump(results, f, indent=1)
 
 
-def run(name, cmd, timeout=None, env=None):
-    """Run a command from the repository root, log it, and record its status, wall time and output's end."""
+def run(name, cmd, timeout=None, env=None, json_out=None):
+    """Run a command from the repository root, log it, and record its status, wall time, the end of its output
+    if it failed, and the JSON file it wrote."""
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     log.write(f"\n== {name}: {' '.join(cmd)}\n")
     t0, timeout = time.time(), timeout or args.step_timeout
@@ -69,6 +71,9 @@ def run(name, cmd, timeout=None, env=None):
     results[name] = {"ok": ok, "seconds": round(time.time() - t0, 1)}
     if not ok:
         results[name]["tail"] = output[-3000:]
+    if json_out and os.path.exists(json_out):
+        with open(json_out) as f:
+            results[name]["results"] = json.load(f)
     print(f"   {'ok' if ok else 'FAILED'} in {results[name]['seconds']} s", flush=True)
     save()
     return output if ok else None
@@ -94,62 +99,51 @@ if not torch.cuda.is_available() and not args.smoke:
     sys.exit("gpu_check.py: no CUDA device: this check is for a GPU machine (the CPU is covered by the tests)")
 py = sys.executable
 device = "cuda" if torch.cuda.is_available() else "cpu"
-tiny = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--vocab_size=256", "--sample_batch=2", "--train_batch=2",
-        "--block_size=32"] if args.smoke else []
-
-ATTENTION = """
-import sys, time, torch, esolm
-from torch.nn.attention import SDPBackend
-L, smoke = (32, True) if sys.argv[1] == "smoke" else (1024, False)
-size = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=256) if smoke else dict(n_layer=12, n_head=12, n_embd=768,
-                                                                                vocab_size=50257)
-model = esolm.EsoLM(esolm.EsoLMConfig(block_size=L, **size)).to(sys.argv[2]).eval()
-ctx, _ = esolm.autocast(sys.argv[2])
-for name, backends in (("without cuDNN", esolm.SAMPLER_ATTENTION),
-                       ("with cuDNN", [SDPBackend.CUDNN_ATTENTION, *esolm.SAMPLER_ATTENTION])):
-    esolm.SAMPLER_ATTENTION = backends  # generate reads it at each call
-    with ctx:
-        model.generate(8, 1.0, 8)  # warm-up
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        t = time.time()
-        model.generate(8, 1.0, L // 8)
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-    print(f"{name}: {(time.time() - t) / (L // 8) * 1000:.2f} ms per cached call (batch 8, L = {L}, 8 tokens a call)")
-"""
-
+tiny = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--vocab_size=256"] if args.smoke else []
 common = [f"--max_iters={args.iters}", f"--eval_interval={args.iters}", "--eval_iters=10",  # of train.py
           f"--log_interval={min(25, args.iters // 2)}"]
+
+
+def path(name):
+    return os.path.join(out, name)
+
+
+if "calls" not in args.skip:
+    run("calls", [py, ".ci/time_calls.py", f"--out={path('calls.json')}", *(["--smoke"] if args.smoke else [])],
+        json_out=path("calls.json"))
+
+if "throughput" not in args.skip:
+    bench = [py, "bench.py", f"--device={device}", "--throughput", *tiny]
+    small = ["--sample_batch=2", "--uncached_calls=4", "--repeats=1"] if args.smoke else ["--repeats=2"]
+    run("throughput", [*bench, "--lengths", *(["64"] if args.smoke else ["1024", "2048"]), *small,
+                       f"--json={path('throughput.json')}"], json_out=path("throughput.json"))
+    run("throughput_compiled", [*bench, "--compile", "--rows", "AR", "B", "--lengths",
+                                "64" if args.smoke else "2048", "--sample_batch=2" if args.smoke else "--sample_batch=8",
+                                f"--json={path('throughput_compiled.json')}"], json_out=path("throughput_compiled.json"))
+    run("throughput_8192", [*bench, "--lengths", "128" if args.smoke else "8192", "--repeats=1",
+                            "--uncached_calls=4" if args.smoke else "--uncached_calls=8", *small[:1],
+                            f"--json={path('throughput_8192.json')}"], json_out=path("throughput_8192.json"))
 
 if "tests" not in args.skip:
     output = run("tests", [py, "-m", "pytest", "-q", "-k", "cuda or bf16", "test_esolm.py", "test_pipeline.py"])
     if output:
         results["tests"]["summary"] = output.strip().splitlines()[-1]
 
-if "bench" not in args.skip:
-    bench_json = os.path.join(out, "bench.json")
-    lengths = ["32", "64"] if args.smoke else [str(L) for L in args.lengths]
-    run("bench", [py, "bench.py", f"--device={device}", "--lengths", *lengths, "--repeats=2", f"--json={bench_json}",
-                  "--skip_training", *tiny], timeout=2 * args.step_timeout)
-    output = run("sampler_attention", [py, "-c", ATTENTION, "smoke" if args.smoke else "full", device])
-    if output:
-        results["sampler_attention"]["ms_per_call"] = dict(re.findall(r"(with\w* cuDNN): ([\d.]+) ms", output))
-
 if "train" not in args.skip:
     # the same run with cuDNN attention last in torch's order: the AR term's length changes at every step, and
     # cuDNN builds a plan for each new shape (see esolm.SAMPLER_ATTENTION)
     for name, env in (("train_eager", None), ("train_eager_cudnn_last", {"TORCH_CUDNN_SDPA_PREFERRED": "0"})):
-        run_dir = os.path.join(out, name)
-        if run(name, [py, "train.py", "--alpha0=0.25", f"--out_dir={run_dir}", *common], env=env) is not None:
-            results[name].update(training_log(run_dir))
+        if run(name, [py, "train.py", "--alpha0=0.25", f"--out_dir={path(name)}", *common], env=env) is not None:
+            results[name].update(training_log(path(name)))
     run("torchrun_nccl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
-                          "--alpha0=0.25", f"--out_dir={os.path.join(out, 'train_ddp')}", "--max_iters=20",
-                          "--eval_interval=20", "--eval_iters=2", "--log_interval=10"])
+                          "--alpha0=0.25", f"--out_dir={path('train_ddp')}", "--max_iters=20", "--eval_interval=20",
+                          "--eval_iters=2", "--log_interval=10"])
 
-if "sample" not in args.skip and os.path.exists(os.path.join(out, "train_eager", "ckpt.pt")):
+if "sample" not in args.skip and os.path.exists(path("train_eager/ckpt.pt")):
     samples = {}
     for name, extra in (("sample_cached", []), ("sample_uncached", ["--no-kv_cache"])):
-        output = run(name, [py, "sample.py", f"--out_dir={os.path.join(out, 'train_eager')}", "--num_samples=4",
-                            "--dtype=float32", "--seed=0", *extra])
+        output = run(name, [py, "sample.py", f"--out_dir={path('train_eager')}", "--num_samples=4", "--dtype=float32",
+                            "--seed=0", *extra])
         if output:
             samples[name] = re.findall(r"---------- sample \d+\n(.*?)(?=\n---------- )", output, re.S)
             nfe, seconds = re.search(r"NFE (\d+), ([\d.]+) s", output).groups()
@@ -159,38 +153,25 @@ if "sample" not in args.skip and os.path.exists(os.path.join(out, "train_eager",
 
 if "bench" not in args.skip:
     run("bench_training", [py, "bench.py", f"--device={device}", "--skip_sampling", "--repeats=3",
-                           *(tiny or ["--block_size=1024"]), f"--json={os.path.join(out, 'bench_training.json')}"])
-    for name in ("bench", "bench_training"):
-        path = os.path.join(out, f"{name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[name]["results"] = {k: v for k, v in json.load(f).items() if k in ("lengths", "training")}
+                           *(tiny + ["--block_size=32", "--train_batch=2"] if args.smoke else ["--block_size=1024"]),
+                           f"--json={path('bench_training.json')}"], json_out=path("bench_training.json"))
 
 if "official" not in args.skip:
     sys.path.insert(0, ROOT)
-    from dit_reference import official_state_dict, save_official  # a checkpoint in the authors' format
+    from dit_reference import official_state_dict, save_official  # a random checkpoint in the authors' format
     V, size = (256, dict(n_layer=1, n_head=2, C=32)) if args.smoke else (50257, dict(n_layer=12, n_head=12, C=768))
-    folder = os.path.join(out, "official")
-    save_official(folder, official_state_dict(V=V, cond=128, **size),
+    save_official(path("official"), official_state_dict(V=V, cond=128, **size),
                   {"mask_index": V, "vocab_size": V + 1, "n_blocks": size["n_layer"], "n_heads": size["n_head"],
                    "model_length": 1024})
-    bench_json = os.path.join(out, "bench_official.json")
-    if run("bench_official", [py, "bench.py", f"--device={device}", f"--init_from={folder}", "--lengths",
-                              "64" if args.smoke else "1024", "--repeats=1", "--skip_training",
-                              f"--json={bench_json}"]) is not None:
-        with open(bench_json) as f:
-            results["bench_official"]["results"] = json.load(f)["lengths"]
+    run("bench_official", [py, "bench.py", f"--device={device}", f"--init_from={path('official')}", "--throughput",
+                           "--lengths", "64" if args.smoke else "1024", "--repeats=1", "--rows", "MDLM", "B", "AR",
+                           "--uncached_calls=4" if args.smoke else "--uncached_calls=16",
+                           f"--json={path('bench_official.json')}"], json_out=path("bench_official.json"))
 
 if "compiled" not in args.skip:  # last: compiling takes minutes on a GPU box (about 30 s a graph on an H200's)
-    bench_json = os.path.join(out, "bench_compiled.json")
-    if run("bench_compiled", [py, "bench.py", f"--device={device}", "--lengths", "64" if args.smoke else "1024",
-                              "--repeats=1", "--skip_training", "--compile", *tiny, f"--json={bench_json}"]):
-        with open(bench_json) as f:
-            results["bench_compiled"]["results"] = json.load(f)["lengths"]
-    run_dir = os.path.join(out, "train_compiled")
-    if run("train_compiled", [py, "train.py", "--alpha0=0.25", f"--out_dir={run_dir}", *common,
+    if run("train_compiled", [py, "train.py", "--alpha0=0.25", f"--out_dir={path('train_compiled')}", *common,
                               "--compile=True"]) is not None:
-        results["train_compiled"].update(training_log(run_dir))
+        results["train_compiled"].update(training_log(path("train_compiled")))
 
 results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
 save()
