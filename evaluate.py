@@ -6,7 +6,7 @@ sampling grid (sample quality against cost).
     python evaluate.py --out_dir=out --orders 1 16 --windows=256 --alpha0=1
     python evaluate.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-1 --alpha0=1 --dataset=owt   # a GPT-2 dataset
     python evaluate.py --out_dir=out --grid --scorer=out_ar --alpha0s 1 0.25 --steps 16 64 128 \
-        --grid_orders random subcontext                                 # the speed-quality grid
+        --grid_orders random subcontext --baselines out_mdlm out_ar     # the speed-quality grid
 
 Prints, per token and as perplexity, mean +- standard error over the windows:
 - the NELBO (one draw of the noise per window; an upper bound on -log p(x));
@@ -18,7 +18,7 @@ With matplotlib installed it also draws <out_dir>/curves.png (the training curve
 AR terms, validation NELBO) and <out_dir>/decoding.png (the network call that decoded each position of a sample,
 at alpha0 = 1, 0.25 and 0).
 --grid instead samples the model in every cell of alpha0 x T x order (subcontext cells use S = T, or
---subcontext_len) and reports per cell: NFE, wall seconds per batch, generative perplexity under --scorer (another
+--subcontext_len), and each of --baselines (other checkpoints) at the alpha0 it trained with, and reports per cell: NFE, wall seconds per batch, generative perplexity under --scorer (another
 checkpoint, best an alpha0 = 0 run: an AR model), mean unigram entropy, the corpus word rate (byte-level data), the
 number of samples and the seed; a cell that cannot run is reported and skipped. Writes grid.json and, with
 matplotlib, grid.png (generative perplexity against NFE, a line per alpha0 and order: the paper's speed-quality
@@ -26,6 +26,7 @@ picture). The scoring rules used here and by sweep.py (`generative_nll`, `unigra
 defined in this file.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -168,18 +169,19 @@ def plot_decoding(model, png, alpha0s=(1.0, 0.25, 0.0), seed=0):
 
 
 def plot_grid(cells, png, title):
-    """Generative perplexity against NFE, one line per alpha0 and order: the speed-quality picture."""
+    """Generative perplexity against NFE, one line per model, alpha0 and order: the speed-quality picture."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for setting in dict.fromkeys((c["order"], c["alpha0"]) for c in cells if "gen_nll" in c):
-        run = sorted((c for c in cells if (c["order"], c["alpha0"]) == setting and "gen_nll" in c),
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for setting in dict.fromkeys((c["model"], c["order"], c["alpha0"]) for c in cells if "gen_nll" in c):
+        run = sorted((c for c in cells if (c["model"], c["order"], c["alpha0"]) == setting and "gen_nll" in c),
                      key=lambda c: c["nfe"])
         ppl = np.exp([c["gen_nll"] for c in run])
         ax.errorbar([c["nfe"] for c in run], ppl, yerr=ppl * np.array([c["gen_nll_se"] for c in run]), fmt="o-",
-                    capsize=3, label=f"alpha0 = {setting[1]:g}, {setting[0]} order")
-    ax.set(xscale="log", xlabel="network calls per sample (NFE)", ylabel="generative perplexity (scorer)",
-           title=title)
-    ax.legend(fontsize=8)
+                    capsize=3, label=f"{setting[0]}: alpha0 = {setting[2]:g}, {setting[1]} order")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.set(xlabel="network calls per sample (NFE)", ylabel="generative perplexity (scorer)", title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -209,37 +211,40 @@ def sample_cell(model, args, alpha0, steps, S, device, amp):
     return torch.cat(xs), nfes, seconds
 
 
-def sampling_grid(model, args, scorer, tokenizer, vocabulary, device, amp):
-    """Every cell of alpha0 x T x order: samples, then their cost and quality. A cell the model cannot sample (say
-    alpha0 < 1 for MDLM, or an S that does not divide L) is reported as skipped, and the grid goes on."""
+def sampling_grid(runs, args, scorer, tokenizer, vocabulary, device, amp):
+    """Every cell of model x alpha0 x T x order: samples, then their cost and quality. runs: (name, model, alpha0s).
+    At alpha0 = 0 the plan does not depend on T or the order (all sequential), so it gets one cell. A cell a model
+    cannot sample (alpha0 < 1 for MDLM, an S that does not divide L) is reported as skipped, and the grid goes on."""
     cells = []
-    print(f"{'order':20s} {'alpha0':>6s} {'T':>5s} {'NFE':>7s} {'s/batch':>8s}  {'gen. perplexity':16s} "
+    print(f"{'model':20s} {'order':18s} {'alpha0':>6s} {'T':>5s} {'NFE':>7s} {'s/batch':>8s}  {'gen. perplexity':16s} "
           f"{'entropy':>7s} {'words':>6s}")
-    for order in args.grid_orders:
-        for alpha0 in args.alpha0s:
-            for steps in args.steps:
-                S = (args.subcontext_len or steps) if order == "subcontext" else 0
-                cell = {"order": order + (" shuffled" if S and args.subcontext_shuffle else ""), "alpha0": alpha0,
-                        "steps": steps, "subcontext_len": S, "num_samples": args.num_samples, "seed": args.seed,
-                        "temperature": args.temperature, "top_p": args.top_p}
-                try:
-                    samples, nfes, seconds = sample_cell(model, args, alpha0, steps, S, device, amp)
-                except SettingError as e:
-                    cells.append({**cell, "skipped": str(e)})
-                    print(f"{cell['order']:20s} {alpha0:6g} {steps:5d}  skipped: {e}")
-                    continue
-                cell |= {"nfe": float(np.mean(nfes)), "seconds_per_batch": float(np.mean(seconds)),
-                         "batch_size": min(args.batch_size, args.num_samples),
-                         "entropy": float(np.mean([unigram_entropy(r) for r in samples.cpu().numpy()]))}
-                if scorer is not None:
-                    cell["gen_nll"], cell["gen_nll_se"] = generative_nll(scorer, samples, tokenizer.eot_id)
-                if vocabulary is not None:
-                    cell["word_rate"] = corpus_word_rate(byte_texts(samples), vocabulary)
-                cells.append(cell)
-                ppl = (f"{math.exp(cell['gen_nll']):7.2f} +- {math.exp(cell['gen_nll']) * cell['gen_nll_se']:5.2f}"
-                       if "gen_nll" in cell else "")
-                print(f"{cell['order']:20s} {alpha0:6g} {steps:5d} {cell['nfe']:7.1f} {cell['seconds_per_batch']:8.3f}  "
-                      f"{ppl:16s} {cell['entropy']:7.3f} {cell.get('word_rate', math.nan):6.1%}", flush=True)
+    for name, model, alpha0s in runs:
+        for order, alpha0, steps in itertools.product(args.grid_orders, alpha0s, args.steps):
+            if alpha0 == 0 and (order, steps) != ("random", args.steps[0]):
+                continue
+            S = (args.subcontext_len or steps) if order == "subcontext" else 0
+            cell = {"model": name, "order": order + (" shuffled" if S and args.subcontext_shuffle else ""),
+                    "alpha0": alpha0, "steps": steps, "subcontext_len": S, "num_samples": args.num_samples,
+                    "seed": args.seed, "temperature": args.temperature, "top_p": args.top_p}
+            head = f"{name[-20:]:20s} {cell['order']:18s} {alpha0:6g} {steps:5d}"
+            try:
+                samples, nfes, seconds = sample_cell(model, args, alpha0, steps, S, device, amp)
+            except SettingError as e:
+                cells.append({**cell, "skipped": str(e)})
+                print(f"{head}  skipped: {e}")
+                continue
+            cell |= {"nfe": float(np.mean(nfes)), "seconds_per_batch": float(np.mean(seconds)),
+                     "batch_size": min(args.batch_size, args.num_samples),
+                     "entropy": float(np.mean([unigram_entropy(r) for r in samples.cpu().numpy()]))}
+            if scorer is not None:
+                cell["gen_nll"], cell["gen_nll_se"] = generative_nll(scorer, samples, tokenizer.eot_id)
+            if vocabulary is not None:
+                cell["word_rate"] = corpus_word_rate(byte_texts(samples), vocabulary)
+            cells.append(cell)
+            ppl = (f"{math.exp(cell['gen_nll']):7.2f} +- {math.exp(cell['gen_nll']) * cell['gen_nll_se']:5.2f}"
+                   if "gen_nll" in cell else "")
+            print(f"{head} {cell['nfe']:7.1f} {cell['seconds_per_batch']:8.3f}  {ppl:16s} {cell['entropy']:7.3f} "
+                  f"{cell.get('word_rate', math.nan):6.1%}", flush=True)
     return cells
 
 
@@ -254,19 +259,22 @@ def run_grid(args, model, ckpt, scorer, alpha0, data_dir, dataset, device):
     """--grid: the table, grid.json (in out_dir, or the working folder for a published model) and grid.png."""
     if not args.alpha0s and alpha0 is None:
         die("--alpha0s: needed for a published model")
-    args.alpha0s = args.alpha0s or [alpha0]
     tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"] if ckpt else "gpt2")
     vocabulary = training_words(data_dir, dataset) if tokenizer.name == "bytes" and dataset else None
     amp, dtype = autocast(device, args.dtype)
     source = f"{args.out_dir}/ckpt.pt (iter {ckpt['iter_num']})" if ckpt else args.init_from
+    runs = [(args.out_dir if ckpt else args.init_from, model, args.alpha0s or [alpha0])]
+    for out_dir in args.baselines:  # other checkpoints, each at the alpha0 it trained with (an MDLM run, an AR run)
+        baseline, baseline_ckpt = load_model(out_dir, device=device)
+        runs.append((out_dir, baseline, [baseline_ckpt["train_config"]["alpha0"]]))
     print(f"{source}: variant {model.config.variant}, L = {model.config.block_size}; {args.num_samples} samples a "
           f"cell, batch {args.batch_size}, seed {args.seed}, temperature {args.temperature}, top_p {args.top_p}, "
           f"{dtype}; scored by {args.scorer or 'nothing (no --scorer)'}")
-    cells = sampling_grid(model, args, scorer, tokenizer, vocabulary, device, amp)
+    cells = sampling_grid(runs, args, scorer, tokenizer, vocabulary, device, amp)
     folder = args.out_dir if ckpt else "."
     with open(os.path.join(folder, "grid.json"), "w") as f:
-        json.dump({"source": source, "scorer": args.scorer, "dtype": dtype, "device": device, "cells": cells}, f,
-                  indent=1)
+        json.dump({"source": source, "baselines": args.baselines, "scorer": args.scorer, "dtype": dtype,
+                   "device": device, "cells": cells}, f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -274,7 +282,7 @@ def run_grid(args, model, ckpt, scorer, alpha0, data_dir, dataset, device):
         print(f"wrote {folder}/grid.json (matplotlib is not installed: no grid.png)")
         return cells
     if scorer is not None:
-        plot_grid(cells, os.path.join(folder, "grid.png"), f"{source}, scored by {args.scorer}")
+        plot_grid(cells, os.path.join(folder, "grid.png"), f"scored by {args.scorer}")
     print(f"wrote {folder}/grid.json" + (" and grid.png" if scorer is not None else ""))
     return cells
 
@@ -298,6 +306,8 @@ def main(argv=None):
     grid = parser.add_argument_group("the sampling grid")
     grid.add_argument("--grid", action="store_true", help="sample every cell instead of the likelihoods")
     grid.add_argument("--scorer", default="", help="out_dir of the model that scores the samples (an alpha0 = 0 run)")
+    grid.add_argument("--baselines", nargs="*", default=[], help="more out_dirs (an MDLM run, an AR run), each sampled "
+                      "at its own alpha0, in the same table and figure")
     grid.add_argument("--alpha0s", type=float, nargs="+", default=None, help="default: --alpha0")
     grid.add_argument("--steps", type=int, nargs="+", default=[16, 64, 128], help="T (and S of subcontext cells)")
     grid.add_argument("--grid_orders", nargs="+", default=["random"], help="random and/or subcontext")

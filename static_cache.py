@@ -59,6 +59,8 @@ def compiled_step(model, B, dtype, device):
     steps = model.__dict__.setdefault("_static_steps", {})  # a plain attribute: not part of the state_dict
     key = (B, dtype, str(device))
     if key not in steps:
+        # a graph per bucket, per model and batch size: more than dynamo's default of 8 for one code object
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         mode = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs on a GPU
         steps[key] = torch.compile(StaticStep(model, B, dtype, device), mode=mode, fullgraph=True, dynamic=False)
     return steps[key]

@@ -149,7 +149,8 @@ print("\nalpha0  NELBO ppl         exact ppl K=1     K=16              K=1 - NEL
       + "  ".join(f"gen ppl T={s:<5d}   words" for s in steps_used))
 for r in results:
     diff = f"{r['exact_k1_minus_nelbo']:+.4f} +- {r['exact_k1_minus_nelbo_se']:.4f}" if "exact_k1" in r else ""
-    gen = "  ".join(f"{ppl(r, f'gen_nll_T{s}')}  {r.get(f'word_rate_T{s}', math.nan):6.1%}" for s in steps_used)
+    rates = [f"{r[f'word_rate_T{s}']:6.1%}" if f"word_rate_T{s}" in r else " " * 6 for s in steps_used]
+    gen = "  ".join(f"{ppl(r, f'gen_nll_T{s}')}  {rate}" for s, rate in zip(steps_used, rates))
     print(f"{label(r):6s}  {ppl(r, 'nelbo')}  {ppl(r, 'exact_k1')}  {ppl(r, 'exact_k16')}  {diff:24s}  {gen}")
 try:
     import matplotlib
@@ -166,7 +167,7 @@ def errorbar(ax, xs, means, ses, **kw):
     ax.errorbar(xs, np.exp(means), yerr=np.exp(means) * np.array(ses), capsize=3, **kw)
 
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
 eso = [r for r in results if r["variant"] == "B"]
 for key, name in (("nelbo", "NELBO (bound)"), ("exact_k1", "exact, K = 1"), ("exact_k16", "exact, K = 16")):
     rows = [r for r in eso if key in r]
@@ -189,7 +190,7 @@ ax2.set(xscale="log", xlabel="diffusion steps T (NFE is at most T plus the seque
         ylabel="generative perplexity (AR scorer)", title="Sample quality vs steps")
 ax2.set_xticks(steps_used, [str(s) for s in steps_used])
 ax2.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-ax2.legend()
+ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
 fig.tight_layout()
 fig.savefig(os.path.join(args.out, "sweep.png"), dpi=120)
 print(f"wrote {args.out}/results.json, results.csv, sweep.png")

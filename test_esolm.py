@@ -236,6 +236,7 @@ def test_static_call_compiles_one_graph_per_bucket(monkeypatch):
     assert out.nfe == len(plan.ks) and 2 <= len(buckets) <= 5
     assert counters["stats"]["unique_graphs"] == len(buckets), (buckets, counters["stats"])
     torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default; the static path raises it
     monkeypatch.setattr(model, "forward", compile(model.forward, backend="eager", fullgraph=True, dynamic=False))
     with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # fullgraph: the limit is an error
         model.generate(2, 1.0, 1024, generator=torch.Generator().manual_seed(0))

@@ -357,12 +357,19 @@ def test_ema_warm_up_follows_the_trained_weights(tiny_data):
     assert distance(ckpt["model"], init) > 1 and to_trained < 0.25 * to_init, (to_trained, to_init)
 
 
-def test_mdlm_trains_and_samples(tiny_data):
-    """The MDLM baseline through the scripts: trained at alpha0 = 1, sampled by the uncached sampler in its random
-    order and left to right (subcontext_len = L); asking it for a KV cache is an error, not a silent fallback."""
+@pytest.fixture(scope="module")
+def mdlm(tiny_data):
+    """out_dir of a 4-iteration run of the MDLM baseline on the tiny dataset."""
     out = tiny_data / "out_mdlm"
     run("train.py", "--dataset=tiny", f"--out_dir={out}", "--variant=MDLM", "--alpha0=1", "--max_iters=4",
         "--eval_interval=4", *TINY, cwd=tiny_data)
+    return out
+
+
+def test_mdlm_trains_and_samples(tiny_data, mdlm):
+    """The MDLM baseline through the scripts: trained at alpha0 = 1, sampled by the uncached sampler in its random
+    order and left to right (subcontext_len = L); asking it for a KV cache is an error, not a silent fallback."""
+    out = mdlm
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["model_config"]["variant"] == "MDLM"
     p = run("sample.py", f"--out_dir={out}", "--num_samples=2", "--steps=8", cwd=tiny_data)
@@ -634,6 +641,50 @@ def test_evaluate_reports_likelihoods_with_standard_errors(tiny_data, trained):
         assert "matplotlib is not installed" in p.stdout
     else:
         assert (trained / "curves.png").stat().st_size > 0 and (trained / "decoding.png").stat().st_size > 0
+
+
+def test_evaluate_grid(tiny_data, trained, mdlm):
+    """evaluate.py --grid: every cell of alpha0 x T x order, and a baseline checkpoint (MDLM) at its own alpha0, in one
+    table; a cell that cannot run is reported and the grid goes on; grid.json holds each cell's NFE, time, generative
+    perplexity, entropy and word rate, with the number of samples and the seed."""
+    p = run("evaluate.py", f"--out_dir={trained}", "--grid", f"--scorer={trained}", "--alpha0s", "1", "0.25",
+            "--steps", "4", "5", "--grid_orders", "random", "subcontext", f"--baselines={mdlm}", "--num_samples=4",
+            "--batch_size=2", "--seed=3", cwd=tiny_data)
+    cells = json.loads((trained / "grid.json").read_text())["cells"]
+    ran = [c for c in cells if "skipped" not in c]
+    skipped = [c for c in cells if "skipped" in c]
+    assert len(cells) == 2 * 2 * 2 + 2 * 2 and {c["model"] for c in cells} == {str(trained), str(mdlm)}
+    assert {(c["order"], c["steps"]) for c in skipped} == {("subcontext", 5)}  # 5 does not divide L = 32
+    assert all("--subcontext_len=5: must divide L = 32" in c["skipped"] for c in skipped)
+    assert all(c["num_samples"] == 4 and c["seed"] == 3 and c["seconds_per_batch"] > 0 and c["gen_nll"] > 0
+               and 0 < c["entropy"] and 0 <= c["word_rate"] <= 1 for c in ran)
+    assert [c["nfe"] for c in ran if c["order"] == "subcontext" and c["alpha0"] == 1] == [4.0, 4.0]  # NFE = S
+    assert p.stdout.count("skipped: --subcontext_len=5") == 3
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (trained / "grid.png").stat().st_size > 0
+
+
+def test_generative_nll_scores_the_first_end_of_text_and_not_the_others():
+    """The official rule: every token but the end-of-text ones, plus each sample's first end-of-text token; the text
+    after it is scored too. With a scorer whose p(token) is fixed, the mean is known exactly."""
+    from evaluate import generative_nll
+    p = torch.tensor([0.5, 0.3, 0.2])  # token 0 is end-of-text
+
+    class Fixed(torch.nn.Module):  # p(token) the same at every position
+        def sequential_forward(self, x, order, n_clean):
+            return torch.zeros(*x.shape, 1), None, None
+
+        def lm_head(self, h):
+            return p.log().expand(*h.shape[:2], 3)
+
+    x = torch.tensor([[1, 2, 0, 2, 0, 0], [2, 2, 2, 2, 2, 2]])  # row 0 scores 1, 2, its first 0, then 2
+    mean, se = generative_nll(Fixed(), x, eot_id=0)
+    cost = -p.log()
+    want = (cost[1] + 2 * cost[2] + cost[0] + 6 * cost[2]) / 10
+    assert mean == pytest.approx(want.item()) and se > 0
 
 
 def test_sample_and_evaluate_a_published_model_folder(tmp_path):
