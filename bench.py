@@ -252,8 +252,8 @@ if args.lengths and not args.throughput:
     for L in args.lengths:
         models = {v: make_model(v, L) for v in ("A", "B", "MDLM")}
         mdlm = sampler(models["MDLM"], 1.0, L)
-        cases = {"(b) Eso-LM (B)": sampler(models["B"], 1.0, L, structured=True), "(c) AR": sampler(models["B"], 0.0, L),
-                 "Eso-LM (A) a0=0.25": sampler(models["A"], 0.25, L)}
+        cases = {"(b) Eso-LM (B)": sampler(models["B"], 1.0, L, structured=True),
+                 "(c) AR": sampler(models["B"], 0.0, L), "Eso-LM (A) a0=0.25": sampler(models["A"], 0.25, L)}
         n_calls = min(args.uncached_calls, L)
         if n_calls:  # calls of MDLM's sampler: a prompt that leaves n_calls positions, decoded one per call
             cases["(a) MDLM, per call"] = sampler(models["MDLM"], 1.0, n_calls,

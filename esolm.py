@@ -1,9 +1,8 @@
 """
-Esoteric Language Models (Eso-LMs, Sahoo et al., arXiv 2506.01928) in one file: one transformer that is both a
-masked diffusion model (MDM) and an autoregressive (AR) model, trained with the hybrid NELBO and sampled with an
-exact KV cache. README.md teaches the method with pictures; this file is the method, top to bottom: config ->
-backbone (RoPE, attention with its KV cache, block, transformer) -> attention masks -> noise schedule and the NELBO's
-pieces -> sampling plans -> the Eso-LM (its two training forwards and the loss, the exact likelihood, the sampler).
+Esoteric Language Models (Eso-LMs, Sahoo et al., arXiv 2506.01928): one transformer that is both a masked diffusion
+model (MDM) and an autoregressive (AR) model, trained with the hybrid NELBO and sampled with an exact KV cache. The
+file is the method, top to bottom (README.md has the pictures): config -> backbone (RoPE, attention with its KV cache)
+-> attention masks -> schedule and NELBO pieces -> sampling plans -> the Eso-LM (forwards, loss, likelihood, sampler).
 
 The symbols, as the paper writes them:
 - x: a clean sequence of L tokens over a vocabulary of V; the mask token has id V. z: a partly masked copy of x;
@@ -32,7 +31,6 @@ LOSS_TYPES = ("elbo", "low_var")
 
 class SettingError(ValueError):
     """A setting or argument outside its domain. `key` names it, so that no caller has to parse the message."""
-
     def __init__(self, key, value, rule):
         super().__init__(f"--{key}={value}: {rule}")
         self.key = key
@@ -179,8 +177,7 @@ class Transformer(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
-    def compute_dtype(self):
-        """The dtype of q, k and v: autocast's when it is on, else the weights'."""
+    def compute_dtype(self):  # the dtype of q, k and v: autocast's when it is on, else the weights'
         dev = self.wte.weight.device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.wte.weight.dtype
 
@@ -284,7 +281,7 @@ def p_diffusion(alpha0):
     return (alpha_t(alpha0, 0.0) - alpha_t(alpha0, 1.0)) / (1 - alpha_t(alpha0, 1.0))
 
 
-def rand(*shape, device, generator=None, dtype=torch.float32):
+def rand(*shape, device, generator=None, dtype=torch.float32):  # uniform [0, 1), from `generator` when given
     return torch.rand(shape, device=device, generator=generator, dtype=dtype)
 
 
@@ -416,12 +413,11 @@ SAMPLER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 
 # ----------------------------------------------------------------------------------------------------------
 # The Eso-LM: the backbone plus its two training forwards, the NELBO, the exact likelihood and the sampler
-#
-# A masked position l is predicted by the mask token at position l itself, not by the token before it as in GPT:
-# the layout puts tokens in any order, so "the next slot" means nothing, and under RoPE from original positions only
-# a query rotated to position l can say which position it is predicting.
 
 class EsoLM(Transformer):
+    """A masked position l is predicted by the mask token at position l itself, not by the token before it as in
+    GPT: the layout puts tokens in any order, so "the next slot" means nothing, and under RoPE from original
+    positions only a query rotated to position l can say which position it is predicting."""
 
     def diffusion_forward(self, zs, order, prefix):
         """The L-token forward over z_t in sorted order (clean first). Hidden states (B, L, C). prefix (B,): the
@@ -459,8 +455,7 @@ class EsoLM(Transformer):
 
     def loss(self, x, alpha0, batch_split=0.5, loss_type="elbo"):
         """Training objective, a per-token NELBO estimate: the sum of the two terms of `loss_terms`."""
-        mdm, ar = self.loss_terms(x, alpha0, batch_split, loss_type)
-        return mdm + ar
+        return sum(self.loss_terms(x, alpha0, batch_split, loss_type))
 
     def loss_terms(self, x, alpha0, batch_split=0.5, loss_type="elbo"):
         """(MDM term, AR term), each a per-token estimate: the first rows of x (fraction batch_split) estimate the MDM
@@ -515,12 +510,11 @@ class EsoLM(Transformer):
 
     @torch.no_grad()
     def exact_nll(self, x, alpha0, num_orders=1, generator=None):
-        """-log mean_k p(x | order_k) of each row, nats per sequence. Decoding one token per call along a fixed
-        generation order, Eso-LM (B) is an AR model over that order, scored exactly by one sequential forward with
-        every token masked. The orders follow the sampler's law: each position is a diffusion position with
-        probability p_diffusion(alpha0), those come first in a random order, the rest left to right; each row draws
-        its own. K = 1 is the exact likelihood of one order; the log-mean-exp over K orders is an importance-weighted
-        bound on -log p(x) under the sampler that tightens as K grows."""
+        """-log mean_k p(x | order_k) of each row, nats per sequence. Decoding one token per call along a fixed order,
+        Eso-LM (B) is an AR model over that order, scored exactly by one sequential forward with every token masked.
+        The orders follow the sampler's law (a position is a diffusion position with probability p_diffusion(alpha0);
+        those first, in a random order, the rest left to right; each row its own). K = 1 is exact for one order; the
+        log-mean-exp over K orders is an importance-weighted bound on -log p(x) that tightens as K grows."""
         check(self.config.variant == "B", "variant", self.config.variant,
               "exact_nll needs variant B: the clean tokens of (A) and MDLM see each other both ways")
         self._check_x(x)
@@ -566,8 +560,8 @@ class EsoLM(Transformer):
         check(subcontext_len == 0 or (1 <= subcontext_len <= L and L % subcontext_len == 0), "subcontext_len",
               subcontext_len, f"must divide L = {L} (0: the random order)")
         kv_cache = self.config.variant != "MDLM" if kv_cache is None else kv_cache
-        check(not kv_cache or self.config.variant != "MDLM", "kv_cache", kv_cache, "MDLM has no KV cache: every "
-              "token attends to every other, so each new token changes all keys and values (use kv_cache=False)")
+        check(not kv_cache or self.config.variant != "MDLM", "kv_cache", kv_cache, "MDLM has no KV cache: its tokens "
+              "attend both ways, so each new one changes every key and value (use kv_cache=False)")
         check(kv_cache or not compile, "compile", compile, "compiles the cached call: it needs kv_cache=True")
         z = self._prompt_template(prompt, num_samples)  # (B, L), the mask id where a token is to be generated
         to_gen = z == self.mask_id
@@ -590,10 +584,9 @@ class EsoLM(Transformer):
         """The cached calls of a plan, as Feeds. Why the cache is exact, for (B): under the causal mask over the
         generation order, a token's keys and values at every layer depend only on the tokens before it in the order;
         once it is clean, those are clean too and never change, so its keys/values are final and computed once. So a
-        call feeds only what the cache lacks: the tokens decoded by the last call (now clean, with their ids) and the
-        k masks to decode now. (A)'s clean tokens see each other both ways, so each new one changes the others: its
-        diffusion phase keeps nothing, and at the switch to the sequential phase the block freezes and (A) caches
-        like (B)."""
+        call feeds only what the cache lacks: the tokens the last call decoded (now clean, with their ids) and the k
+        masks to decode now. (A)'s clean tokens see each other both ways, so its diffusion phase keeps nothing; at
+        the switch to the sequential phase its clean block freezes and (A) caches like (B)."""
         L = self.config.block_size
         d, c_switch, n_cached, feeds = L - sum(plan.ks), L - plan.n_seq, 0, []  # d: decoded so far, given included
         for k in plan.ks:

@@ -18,12 +18,12 @@ With matplotlib installed it also draws <out_dir>/curves.png (the training curve
 AR terms, validation NELBO) and <out_dir>/decoding.png (the network call that decoded each position of a sample,
 at alpha0 = 1, 0.25 and 0).
 --grid instead samples the model in every cell of alpha0 x T x order (subcontext cells use S = T, or
---subcontext_len), and each of --baselines (other checkpoints) at the alpha0 it trained with, and reports per cell: NFE, wall seconds per batch, generative perplexity under --scorer (another
-checkpoint, best an alpha0 = 0 run: an AR model), mean unigram entropy, the corpus word rate (byte-level data), the
-number of samples and the seed; a cell that cannot run is reported and skipped. Writes grid.json and, with
-matplotlib, grid.png (generative perplexity against NFE, a line per alpha0 and order: the paper's speed-quality
-picture). The scoring rules used here and by sweep.py (`generative_nll`, `unigram_entropy`, `corpus_word_rate`) are
-defined in this file.
+--subcontext_len), and each of --baselines (other checkpoints) at the alpha0 it trained with, and reports per cell:
+NFE, wall seconds per batch, generative perplexity under --scorer (another checkpoint, best an alpha0 = 0 run: an AR
+model), mean unigram entropy, the corpus word rate (byte-level data), the number of samples and the seed; a cell
+that cannot run is reported and skipped. Writes grid.json and, with matplotlib, grid.png (generative perplexity
+against NFE, a line per model, alpha0 and order: the paper's speed-quality picture). The scoring rules used here and
+by sweep.py (`generative_nll`, `unigram_entropy`, `corpus_word_rate`) are defined in this file.
 """
 import argparse
 import itertools

@@ -17,7 +17,6 @@ the prompt (--no-cut_eot keeps the whole canvas). Each batch prints its number o
 time; for byte-level data, the share of the samples' words that occur in the training text follows.
 """
 import argparse
-import os
 import re
 import sys
 import time

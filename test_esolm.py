@@ -3,7 +3,6 @@
 Run: python -m pytest -q"""
 import http.server
 import itertools
-import json
 import math
 import os
 import threading
@@ -438,7 +437,7 @@ def test_mdlm_nelbo_is_the_mdlm_bound_by_enumeration():
             z = x.clone()
             z[0, list(S)] = Vt
             logp = model.lm_head(model(z, torch.arange(Lt)[None])).log_softmax(-1)[0]
-            f[S] = -sum(logp[l, x[0, l]].item() for l in S)
+            f[S] = -sum(logp[i, x[0, i]].item() for i in S)
     nodes, weights = np.polynomial.legendre.leggauss(8)
     t = EPS + (1 - EPS) * (nodes + 1) / 2  # [-1, 1] -> [EPS, 1]
     a = 1 - (1 - EPS) * t
@@ -655,7 +654,8 @@ def subcontext_calls(given, S, alpha0, offsets):
 @pytest.mark.parametrize("prompt", ["none", "prefix", "infill"])
 def test_subcontext_order_is_the_papers_construction(L_, S, alpha0, shuffle, prompt):
     model = sharp_model("B", block_size=L_)
-    p = {"none": None, "prefix": torch.tensor([3, 1, 4, 1, 5]), "infill": torch.tensor([V, 2, V, V, 7, V, V, 1])}[prompt]
+    prompts = {"none": None, "prefix": torch.tensor([3, 1, 4, 1, 5]), "infill": torch.tensor([V, 2, V, V, 7, V, V, 1])}
+    p = prompts[prompt]
     given = [False] * L_ if p is None else [i < len(p) and p[i] != V for i in range(L_)]
     out = model.generate(4, alpha0, 1, subcontext_len=S, subcontext_shuffle=shuffle, prompt=p,
                          generator=torch.Generator().manual_seed(0))

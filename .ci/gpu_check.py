@@ -117,9 +117,9 @@ if "throughput" not in args.skip:
     small = ["--sample_batch=2", "--uncached_calls=4", "--repeats=1"] if args.smoke else ["--repeats=2"]
     run("throughput", [*bench, "--lengths", *(["64"] if args.smoke else ["1024", "2048"]), *small,
                        f"--json={path('throughput.json')}"], json_out=path("throughput.json"))
-    run("throughput_compiled", [*bench, "--compile", "--rows", "AR", "B", "--lengths",
-                                "64" if args.smoke else "2048", "--sample_batch=2" if args.smoke else "--sample_batch=8",
-                                f"--json={path('throughput_compiled.json')}"], json_out=path("throughput_compiled.json"))
+    compiled = [*bench, "--compile", "--rows", "AR", "B", "--lengths", "64" if args.smoke else "2048",
+                f"--sample_batch={2 if args.smoke else 8}", f"--json={path('throughput_compiled.json')}"]
+    run("throughput_compiled", compiled, json_out=path("throughput_compiled.json"))
     run("throughput_8192", [*bench, "--lengths", "128" if args.smoke else "8192", "--repeats=1",
                             "--uncached_calls=4" if args.smoke else "--uncached_calls=8", *small[:1],
                             f"--json={path('throughput_8192.json')}"], json_out=path("throughput_8192.json"))
