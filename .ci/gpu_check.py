@@ -1,8 +1,8 @@
 """
 Check a GPU setup and measure it: one command, results in one folder, the most telling steps first.
 
-    python .ci/gpu_check.py --out=gpu_check                                    # everything: 20 minutes or more
-    python .ci/gpu_check.py --out=gpu_check --skip train sample official compiled   # about 10 minutes
+    python .ci/gpu_check.py --out=gpu_check                                    # everything
+    python .ci/gpu_check.py --out=gpu_check --skip tests train sample bench official compiled --step_timeout=240
     python .ci/gpu_check.py --out=gpu_check --smoke                            # a dry run at tiny sizes, any machine
 
 Steps, each logged to <out>/log.txt, all results in <out>/gpu_check.json (--skip leaves steps out):
