@@ -181,9 +181,6 @@ class Transformer(nn.Module):
         dev = self.wte.weight.device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.wte.weight.dtype
 
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
     def forward(self, idx, pos, mask=None, caches=None, start=0, n_z=0, x_mask=None):
         """idx, pos (B, T): token ids (the mask id allowed) and original positions, in sorted order.
         mask: bool (B or 1, 1, T, start + T), True = may attend; None = causal over the sorted order (for MDLM:
@@ -275,27 +272,19 @@ def mdm_weight(alpha0, t):
     return alpha0 * (1 - EPS) / (1 - alpha_t(alpha0, t))
 
 
-def p_diffusion(alpha0):
-    """Probability that the diffusion phase, not the sequential one, decodes a given position: the fraction of
-    masks the schedule unmasks from t = 1 to t = 0, (alpha_0 - alpha_1) / (1 - alpha_1)."""
-    return (alpha_t(alpha0, 0.0) - alpha_t(alpha0, 1.0)) / (1 - alpha_t(alpha0, 1.0))
-
-
 def rand(*shape, device, generator=None, dtype=torch.float32):  # uniform [0, 1), from `generator` when given
     return torch.rand(shape, device=device, generator=generator, dtype=dtype)
 
 
 def stratified_t(n, device, generator=None):
-    """t for n rows as the official code draws it: row i takes its own uniform inside the i-th of n equal slices of
-    [0, 1), mapped to [EPS, 1). The slices cover the schedule evenly (less variance than independent draws), and
-    t >= EPS keeps the MDM weight below about 1 / EPS."""
+    """t for n rows, stratified as the official code draws it: row i is uniform in the i-th of n equal slices of
+    [0, 1), mapped to [EPS, 1) (less variance than independent draws; t >= EPS keeps the MDM weight at most 1 / EPS)."""
     u = (rand(n, device=device, generator=generator) + torch.arange(n, device=device)) / n
     return EPS + (1 - EPS) * u
 
 
 def mdm_rows(B, alpha0, batch_split):
-    """How many of B rows (the first ones) estimate the MDM term in training; the others estimate the AR term.
-    When alpha0 is 0 or 1 the absent term takes no rows."""
+    """How many of B rows (the first) estimate the MDM term in training, the rest the AR term; alpha0 0 or 1: 0 or B."""
     if alpha0 == 0 or alpha0 == 1:
         return B * int(alpha0)
     check(0 < batch_split < 1 and B >= 2, "batch_split", batch_split, f"0 < alpha0 < 1 needs both terms: "
@@ -512,18 +501,20 @@ class EsoLM(Transformer):
     def exact_nll(self, x, alpha0, num_orders=1, generator=None):
         """-log mean_k p(x | order_k) of each row, nats per sequence. Decoding one token per call along a fixed order,
         Eso-LM (B) is an AR model over that order, scored exactly by one sequential forward with every token masked.
-        The orders follow the sampler's law (a position is a diffusion position with probability p_diffusion(alpha0);
-        those first, in a random order, the rest left to right; each row its own). K = 1 is exact for one order; the
-        log-mean-exp over K orders is an importance-weighted bound on -log p(x) that tightens as K grows."""
+        The orders follow the sampler's law (a position is a diffusion position with probability p, the fraction of
+        masks the schedule unmasks from t = 1 to 0; those first, in a random order, the rest left to right; each row
+        its own). K = 1 is exact for one order; the log-mean-exp over K orders is an importance-weighted bound on
+        -log p(x) that tightens as K grows."""
         check(self.config.variant == "B", "variant", self.config.variant,
               "exact_nll needs variant B: the clean tokens of (A) and MDLM see each other both ways")
         self._check_x(x)
         self._check_alpha0(alpha0)
         B, L = x.shape
         no_clean = torch.zeros(B, dtype=torch.long, device=x.device)
+        p = (alpha_t(alpha0, 0.0) - alpha_t(alpha0, 1.0)) / (1 - alpha_t(alpha0, 1.0))  # (a_0 - a_1) / (1 - a_1)
         log_p = []
         for _ in range(num_orders):
-            diffusion = rand(B, L, device=x.device, generator=generator) < p_diffusion(alpha0)
+            diffusion = rand(B, L, device=x.device, generator=generator) < p
             log_p.append(-self._sequential_nll(x, clean_first_order(diffusion, True, generator), no_clean))
         return math.log(num_orders) - torch.stack(log_p).logsumexp(0)
 

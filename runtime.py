@@ -57,6 +57,10 @@ def autocast(device, dtype="auto"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16), dtype
 
 
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 def loss_flops(model, B, alpha0, batch_split=0.5):
     """FLOPs of forward + backward of model.loss on B rows, for MFU: 6 per weight per fed token (embedding lookups
     are free) plus attention, 12 n_layer C L per token (nanoGPT's count). An MDM row feeds L tokens, an AR row L
@@ -64,7 +68,7 @@ def loss_flops(model, B, alpha0, batch_split=0.5):
     L, C = model.config.block_size, model.config.n_embd
     n_mdm = mdm_rows(B, alpha0, batch_split)
     fed = n_mdm * L + (B - n_mdm) * (2 - alpha0) * L
-    return (6 * (model.num_params() - model.wte.weight.numel()) + 12 * model.config.n_layer * C * L) * fed
+    return (6 * (num_params(model) - model.wte.weight.numel()) + 12 * model.config.n_layer * C * L) * fed
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import prepare_data
 from esolm import SettingError
 from evaluate import (byte_texts, corpus_word_rate, generative_nll, held_out_windows, mean_se, per_token,
                       training_words, unigram_entropy)
-from runtime import autocast, check_args, load_model
+from runtime import autocast, check_args, load_model, num_params
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default="sweep", help="folder for the runs and the results")
@@ -94,7 +94,7 @@ for name, alpha0, variant in RUNS:
     L, data = model.config.block_size, (ckpt["train_config"]["data_dir"], ckpt["train_config"]["dataset"])
     tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
     x = held_out_windows(*data, L, args.eval_windows).to(device)
-    row = {"alpha0": alpha0, "variant": variant, "train_seconds": walls.get(name), "params": model.num_params(),
+    row = {"alpha0": alpha0, "variant": variant, "train_seconds": walls.get(name), "params": num_params(model),
            "block_size": L, "windows": len(x)}
     with amp:
         gen = fixed_noise()

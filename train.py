@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 import prepare_data
 from esolm import LOSS_TYPES, EsoLM, EsoLMConfig, check
-from runtime import (DTYPES, H100_BF16_FLOPS, autocast, load_checkpoint, load_model, loss_flops, resolve_device,
-                     save_checkpoint)
+from runtime import (DTYPES, H100_BF16_FLOPS, autocast, load_checkpoint, load_model, loss_flops, num_params,
+                     resolve_device, save_checkpoint)
 
 
 def setting(default, help):
@@ -304,7 +304,7 @@ if cfg.ema:
     ema_model = EsoLM(model_config).to(device).eval().requires_grad_(False)
     ema_model.load_state_dict(ckpt["ema"] if resuming and ckpt["ema"] else model.state_dict())
 if master:
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, "
+    print(f"model: {num_params(model) / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, "
           f"variant {model_config.variant}")
 
 # -----------------------------------------------------------------------------------------------------------
