@@ -8,12 +8,14 @@ The symbols, as the paper writes them:
 - x: a clean sequence of L tokens over a vocabulary of V; the mask token has id V. z: a partly masked copy of x;
   M(z): its masked positions. t in [0, 1]: diffusion time; alpha_t: the probability that a token is still clean
   at t; z_t: x with each token masked independently with probability 1 - alpha_t.
-- z0 (z_t at t = 0, drawn from q_0): about alpha0 L clean tokens, what the diffusion phase hands to the sequential
+- z0 = z_t at t = 0 (its law: q_0): about alpha0 L clean tokens, what the diffusion phase hands to the sequential
   phase, which fills its masks left to right. alpha0 = 1 is a pure MDM, alpha0 = 0 a pure AR model.
-- Sorted order: the layout of every forward pass, clean tokens first, then masks. order[b, i] is the original
-  position of the i-th token of row b; RoPE rotates each token by its original position, so a token means the
-  same wherever the layout puts it, and the attention mask is the only place the order shows.
-- NFE: the number of network calls of a sampling run. n_cached: the cache slots the coming calls reuse as they are.
+- Sorted order: the layout of every forward pass, clean tokens first, then masks; in sampling, the generation order
+  (cache slot i holds the i-th token decoded). order[b, i] is the original position of the i-th token of row b; RoPE
+  rotates each token by its original position, so a token means the same wherever the layout puts it, and the
+  attention mask is the only place the order shows.
+- NFE: the number of network calls of a sampling run. n_cached: the leading cache slots whose keys and values are
+  final; a call feeds the tokens from slot n_cached on.
 """
 import math
 from dataclasses import dataclass
@@ -169,8 +171,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer) so that the residual stream's
-        # variance does not grow with depth
+        # GPT-2 init: N(0, 0.02), residual projections by 1/sqrt(2 n_layer) (the residual stream keeps its variance)
         for name, p in self.named_parameters():
             if p.dim() == 2:  # linear and embedding weights; LayerNorm weights stay 1
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02)
@@ -182,12 +183,12 @@ class Transformer(nn.Module):
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.wte.weight.dtype
 
     def forward(self, idx, pos, mask=None, caches=None, start=0, n_z=0, x_mask=None):
-        """idx, pos (B, T): token ids (the mask id allowed) and original positions, in sorted order.
-        mask: bool (B or 1, 1, T, start + T), True = may attend; None = causal over the sorted order (for MDLM:
-        every token sees every token). caches: one KVCache per layer, written at slots [start, start + T) (sampling
-        only). n_z > 0: the sequential layout [z ; x], whose first n_z tokens are z-queries with `mask` and whose
-        x-stream has `x_mask` (None: causal). Returns the final hidden states (B, T, C): callers apply lm_head to
-        the rows they need only, which skips the C x V product on clean tokens."""
+        """idx, pos (B, T): token ids (the mask id allowed) and original positions, in sorted order. mask: bool
+        (B or 1, 1, Tq, start + T) or (Tq, start + T), over the Tq queries it serves (T, or the n_z below), True = may
+        attend; None = causal over the sorted order (MDLM: all to all). caches: one KVCache per layer, written at slots
+        [start, start + T) (sampling only). n_z > 0: the sequential layout [z ; x], whose first n_z tokens are
+        z-queries with `mask` and whose x-stream has `x_mask` (None: causal). Returns the final hidden states
+        (B, T, C): callers apply lm_head to the rows they need only, which skips the C x V product on clean tokens."""
         x = self.wte(idx)
         dtype = self.compute_dtype()
         cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))  # (B, 1, T, hs/2)
@@ -211,7 +212,7 @@ def visible(q, j, prefix):
 
 def diffusion_mask(prefix, L, variant):
     """(B, 1, L, L) mask of the L-token diffusion forward over z_t: clean tokens first, then masks. prefix (B,): the
-    clean tokens of (A) that see each other both ways (all of them in training; the sampler freezes the block).
+    clean tokens of (A) that see each other both ways (in training all of them; in sampling see EsoLM.feeds).
 
     (B): plain causal: a clean token sees only the clean tokens before it in the (random) order, which is why its
     keys/values can be cached. (A): the clean block is bidirectional; masks see every clean token and the masks
@@ -320,12 +321,12 @@ class Plan(NamedTuple):
 
 
 def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
-    """Tokens decoded per call of the diffusion phase, k_1..k_S (empty steps dropped), and the tokens left to the
-    sequential phase. With T = steps on an even grid from t = 1 to 0, step s reveals k_s ~ Binomial(remaining,
+    """Tokens decoded per call of the diffusion phase, k_1..k_n (empty steps dropped), and the tokens left to the
+    sequential phase. On T = steps even steps from t = 1 to 0, the step from t to s < t reveals Binomial(remaining,
     (alpha_s - alpha_t) / (1 - alpha_t)); drawing for each masked position the step that reveals it (or none: the
     sequential phase decodes it) has the same law and needs one draw, not T."""
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
-    p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step s), then P(sequential)
+    p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed by step i), then P(sequential)
     step = torch.searchsorted(p.cumsum(0), rand(n_gen, device=device, generator=generator, dtype=torch.float64),
                               right=True).clamp(max=steps)
     k = torch.bincount(step, minlength=steps + 1).tolist()
@@ -379,8 +380,8 @@ def sample_tokens(logits, temperature, top_p, generator=None):
 
 
 class Feed(NamedTuple):
-    """One cached network call: feed sorted indices [n_cached, d + k) (the cache holds [0, n_cached)), decode the k
-    tokens at [d, d + k); `prefix` is the size of (A)'s bidirectional clean block (0 for (B))."""
+    """One cached network call: d tokens are decoded (given ones included); feed sorted indices [n_cached, d + k)
+    (the cache holds [0, n_cached)) and decode the k at [d, d + k); prefix: (A)'s bidirectional clean block, (B): 0."""
     n_cached: int
     d: int
     k: int
@@ -485,9 +486,8 @@ class EsoLM(Transformer):
         masked = rand(B, L, device=x.device, generator=generator) < 1 - alpha0  # M(z0); every token at alpha0 = 0
         if not masked.any():
             return torch.zeros(B, device=x.device)
-        # sorted order: z0's clean tokens, then its masked positions left to right, as the sampler decodes them. (B)
-        # takes the clean ones in a random order, because its diffusion phase decodes them in a random order and a
-        # clean token only sees those before it; (A) sees them all both ways, so any order does
+        # sorted order: z0's clean tokens, then its masks left to right, as the sampler decodes them; for (B) the clean
+        # ones in a random order, as its diffusion phase decodes them ((A)'s see each other both ways: any order does)
         order = clean_first_order(~masked, self.config.variant == "B", generator)
         return self._sequential_nll(x, order, L - masked.sum(1))
 
