@@ -326,7 +326,7 @@ def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
     (alpha_s - alpha_t) / (1 - alpha_t)); drawing for each masked position the step that reveals it (or none: the
     sequential phase decodes it) has the same law and needs one draw, not T."""
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
-    p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed by step i), then P(sequential)
+    p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step i), then P(sequential)
     step = torch.searchsorted(p.cumsum(0), rand(n_gen, device=device, generator=generator, dtype=torch.float64),
                               right=True).clamp(max=steps)
     k = torch.bincount(step, minlength=steps + 1).tolist()
