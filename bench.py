@@ -24,59 +24,81 @@ Three modes; BENCHMARKS.md says which mode each number comes from.
 --uncached_calls > 0 times that many of MDLM's calls and multiplies by its NFE (every such call is the same full
 forward; on a CPU the whole loop takes minutes): the row says so.
 """
-import argparse
 import json
 import platform
 import statistics
-import sys
 import time
+from dataclasses import dataclass, replace
 
 import torch
-
 from torch.nn.attention import sdpa_kernel
 
-from esolm import SAMPLER_ATTENTION, EsoLM, EsoLMConfig, KVCache, SettingError, random_plan, subcontext_plan
-from runtime import H100_BF16_FLOPS, autocast, check_args, loss_flops
+from esolm import SAMPLER_ATTENTION, EsoLM, EsoLMConfig, KVCache, adaptive_score, random_plan, subcontext_plan
+from pretrained import from_pretrained
+from runtime import H100_BF16_FLOPS, autocast, configure, die, loss_flops, need, resolve_device, setting
+from runtime import sync as device_sync
+from static_cache import StaticCalls
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-parser.add_argument("--init_from", default="", help="time a published model's network (hub id or folder)")
-parser.add_argument("--n_layer", type=int, default=None, help="default: 4 on CPU, 12 on CUDA")
-parser.add_argument("--n_embd", type=int, default=None, help="default: 256 on CPU, 768 on CUDA")
-parser.add_argument("--n_head", type=int, default=None, help="default: 4 on CPU, 12 on CUDA")
-parser.add_argument("--block_size", type=int, default=None, help="L; default: 256 on CPU, 1024 on CUDA")
-parser.add_argument("--vocab_size", type=int, default=None, help="default: 256 on CPU (bytes), 50257 on CUDA (GPT-2)")
-parser.add_argument("--lengths", type=int, nargs="*", default=None,
-                    help="--lengths or --throughput at these L; none: 256 .. 2048 on CPU, 1024 .. 8192 on CUDA")
-parser.add_argument("--throughput", action="store_true", help="the official way of timing: see above")
-parser.add_argument("--uncached_calls", type=int, default=None,
-                    help="time this many MDLM calls and multiply by its NFE (0: the whole loop; default: 16 on CPU, "
-                         "0 on CUDA)")
-parser.add_argument("--sample_batch", type=int, default=None,
-                    help="default: 4 on CPU; on CUDA 8, and with --throughput the paper's (512, 256, 64)")
-parser.add_argument("--train_batch", type=int, default=None, help="default: 16 on CPU, 8 on CUDA")
-parser.add_argument("--repeats", type=int, default=3, help="timed runs (batches) of each row")
-parser.add_argument("--compile", action="store_true", help="the cached calls as static-shape compiled graphs")
-parser.add_argument("--subcontext_len", type=int, default=0, help="Eso-LM (B) in the structured order of this S")
-parser.add_argument("--subcontext_shuffle", action="store_true")
-parser.add_argument("--bd3_blocks", type=int, nargs="*", default=[4, 8, 16], help="--throughput: BD3-LM block sizes")
-parser.add_argument("--rows", nargs="+", default=["AR", "MDLM", "B", "A", "BD3"],
-                    help="--throughput: the rows to time, of AR MDLM B A BD3")
-parser.add_argument("--peak_flops", type=float, default=H100_BF16_FLOPS, help="for MFU on CUDA (default: H100 SXM)")
-parser.add_argument("--skip_sampling", action="store_true")
-parser.add_argument("--skip_training", action="store_true")
-parser.add_argument("--json", default="", help="also write the results to this file")
-parser.add_argument("--png", default="", help="--lengths: draw the speedups against L (needs matplotlib)")
-args = parser.parse_args()
-cuda = args.device.startswith("cuda")  # the defaults below depend on it; check_args checks the device
-defaults = dict(n_layer=(4, 12), n_embd=(256, 768), n_head=(4, 12), block_size=(256, 1024), vocab_size=(256, 50257),
-                train_batch=(16, 8), uncached_calls=(16, 0))
-for key, (cpu_default, cuda_default) in defaults.items():
-    if getattr(args, key) is None:
-        setattr(args, key, cuda_default if cuda else cpu_default)
-if args.lengths == [] or (args.throughput and args.lengths is None):
-    args.lengths = [1024, 2048, 4096, 8192] if cuda else [256, 512, 1024, 2048]
 PAPER_BATCH = {1024: 512, 2048: 256, 8192: 64}  # the official throughput scripts' batch sizes
+ROWS = ("AR", "MDLM", "B", "adaptive", "A", "BD3")
+
+
+@dataclass
+class Settings:
+    device: str = setting("cpu", "cpu, cuda, cuda:1, ...", rule="device")
+    init_from: str = setting("", "time a published model's network (hub id or folder)")
+    n_layer: int | None = setting(None, "default: 4 on CPU, 12 on CUDA", rule="count")
+    n_embd: int | None = setting(None, "default: 256 on CPU, 768 on CUDA", rule="count")
+    n_head: int | None = setting(None, "default: 4 on CPU, 12 on CUDA", rule="count")
+    block_size: int | None = setting(None, "L; default: 256 on CPU, 1024 on CUDA", rule="count")
+    vocab_size: int | None = setting(None, "default: 256 on CPU (bytes), 50257 on CUDA (GPT-2)", rule="count")
+    lengths: tuple[int, ...] | None = setting(None, "--lengths or --throughput at these L (empty: 256 .. 2048 on "
+                                              "CPU, 1024 .. 8192 on CUDA)")
+    throughput: bool = setting(False, "the official way of timing: see above")
+    uncached_calls: int | None = setting(None, "time this many MDLM calls and scale by its NFE (0: the whole loop; "
+                                         "default 16 on CPU, 0 on CUDA)", rule="nonnegative")
+    sample_batch: int | None = setting(None, "default: 4 on CPU; on CUDA 8, and with --throughput the paper's "
+                                       "(512, 256, 64)", rule="count")
+    train_batch: int | None = setting(None, "default: 16 on CPU, 8 on CUDA")
+    repeats: int = setting(3, "timed runs (batches) of each row", rule="count")
+    compile: bool = setting(False, "the cached calls as static-shape compiled graphs (static_cache.py)")
+    subcontext_len: int = setting(0, "Eso-LM (B) in the structured order of this S", rule="subcontext_len")
+    subcontext_shuffle: bool = setting(False, "the offsets, and each call, in random order")
+    bd3_blocks: tuple[int, ...] = setting((4, 8, 16), "--throughput: BD3-LM block sizes", rule="count")
+    rows: tuple[str, ...] = setting(ROWS, "--throughput: the rows to time (adaptive: Eso-LM (B) in the confidence "
+                                    "order, every mask left fed and scored at each call)")
+    peak_flops: float = setting(H100_BF16_FLOPS, "for MFU on CUDA (default: H100 SXM)")
+    skip_sampling: bool = setting(False, "")
+    skip_training: bool = setting(False, "")
+    json: str = setting("", "also write the results to this file")
+    png: str = setting("", "--lengths: draw the speedups against L (needs matplotlib)")
+
+    def __post_init__(self):
+        """Defaults that depend on the device, then the rules that span settings (the model's: EsoLMConfig's)."""
+        cuda = self.device.startswith("cuda")
+        defaults = dict(n_layer=(4, 12), n_embd=(256, 768), n_head=(4, 12), block_size=(256, 1024),
+                        vocab_size=(256, 50257), train_batch=(16, 8), uncached_calls=(16, 0))
+        for key, (cpu_default, cuda_default) in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, cuda_default if cuda else cpu_default)
+        if self.lengths == () or (self.throughput and self.lengths is None):
+            self.lengths = (1024, 2048, 4096, 8192) if cuda else (256, 512, 1024, 2048)
+        need(self, self.train_batch >= 2, "train_batch", "must be at least 2 (alpha0 = 0.25 splits the batch)")
+        need(self, all(n >= 2 for n in self.lengths or [2]), "lengths", "must each be at least 2")
+        for L in self.lengths or [self.block_size]:
+            need(self, self.subcontext_len == 0 or L % self.subcontext_len == 0, "subcontext_len",
+                 "must divide every L (0: random order)")
+            need(self, all(L % b == 0 for b in self.bd3_blocks), "bd3_blocks", "must each divide every L")
+        need(self, set(self.rows) <= set(ROWS), "rows", f"must each be one of {' '.join(ROWS)}")
+        need(self, self.peak_flops > 0, "peak_flops", "must be positive")
+        EsoLMConfig(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                    n_head=self.n_head, n_embd=self.n_embd)
+
+
+args = configure(Settings, doc=__doc__)
+device = resolve_device(args.device)
+cuda = device.startswith("cuda")
+amp, dtype = autocast(device)  # bfloat16 on a GPU that has it, else float32
 
 
 def sample_batch(L):
@@ -85,40 +107,19 @@ def sample_batch(L):
     return PAPER_BATCH.get(L, 64) if cuda and args.throughput else (8 if cuda else 4)
 
 
-try:  # every setting, and the model's own checks, before any work
-    device = check_args(args, (
-        ("sample_batch", args.sample_batch is None or args.sample_batch >= 1, "must be at least 1"),
-        ("train_batch", args.train_batch >= 2, "must be at least 2 (alpha0 = 0.25 splits the batch)"),
-        ("repeats", args.repeats >= 1, "must be at least 1"),
-        ("uncached_calls", args.uncached_calls >= 0, "must be at least 0 (0: full runs)"),
-        ("lengths", all(n >= 2 for n in args.lengths or [2]), "each L must be at least 2"),
-        ("subcontext_len", all(args.subcontext_len == 0 or L % args.subcontext_len == 0
-                               for L in args.lengths or [args.block_size]), "must divide every L (0: random order)"),
-        ("bd3_blocks", all(b >= 1 and L % b == 0 for b in args.bd3_blocks for L in args.lengths or [args.block_size]),
-         "each block size must divide every L"),
-        ("rows", set(args.rows) <= {"AR", "MDLM", "B", "A", "BD3"}, "each must be one of AR MDLM B A BD3"),
-        ("peak_flops", args.peak_flops > 0, "must be positive")))
-    EsoLMConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                n_embd=args.n_embd)
-except SettingError as e:
-    sys.exit(f"bench.py: {e}")
-amp, dtype = autocast(device)  # bfloat16 on a GPU that has it, else float32
-
-
 def sync():
-    if cuda:
-        torch.cuda.synchronize()
+    device_sync(device)
 
 
-def make_model(variant, L):
+def make_model(variant, L, alpha0=1.0):
     torch.manual_seed(0)
     if args.init_from:
         try:
-            return EsoLM.from_pretrained(args.init_from, block_size=L, variant=variant).to(device).eval()
+            return from_pretrained(args.init_from, block_size=L, variant=variant, alpha0=alpha0).to(device).eval()
         except (ValueError, OSError) as e:
-            sys.exit(f"bench.py: --init_from={args.init_from}: {e}")
+            die(f"--init_from={args.init_from}: {e}")
     config = EsoLMConfig(vocab_size=args.vocab_size, block_size=L, n_layer=args.n_layer, n_head=args.n_head,
-                         n_embd=args.n_embd, variant=variant)
+                         n_embd=args.n_embd, variant=variant, alpha0=alpha0)
     return EsoLM(config).to(device).eval()
 
 
@@ -141,16 +142,16 @@ def median_times(cases):
     return {name: statistics.median(t) for name, t in times.items()}, outs
 
 
-def sampler(model, alpha0, steps, kv_cache=None, prompt=None, structured=False):
+def sampler(model, alpha0, steps, kv_cache=None, prompt=None, structured=False, adaptive=None):
     """A function that generates one batch (the same schedule and orders every run) and returns its NFE."""
     order = dict(subcontext_len=args.subcontext_len, subcontext_shuffle=args.subcontext_shuffle) if structured else {}
+    calls = StaticCalls if args.compile and kv_cache is not False else None
 
     def fn():
         g = torch.Generator(device=device).manual_seed(0)
         with amp:
-            return model.generate(sample_batch(model.config.block_size), alpha0, steps, prompt=prompt,
-                                  kv_cache=kv_cache, generator=g, compile=args.compile and kv_cache is not False,
-                                  **order).nfe
+            return model.generate(sample_batch(model.config.block_size), alpha0, steps, prompt=prompt, adaptive=adaptive,
+                                  kv_cache=kv_cache, generator=g, calls=calls, **order).nfe
     return fn
 
 
@@ -164,16 +165,19 @@ results = {"machine": machine, "torch": torch.__version__, "dtype": dtype, "args
 # --throughput: the network calls only, as the official code times them
 
 
-def network_calls(model, plan, kv_cache, n_calls=None):
+def network_calls(model, plan, kv_cache, n_calls=None, adaptive=None):
     """A function that runs the network calls of a plan (order, ks, n_seq) drawn beforehand, without sampling tokens
-    (the canvas keeps its masks' ids, as the official timing skips the writes too), and returns the calls made."""
+    (the canvas keeps its masks' ids, as the official timing skips the writes too), and returns the calls made. With
+    adaptive, each diffusion call also scores every mask it is fed (the choice is the adaptive order's own cost)."""
     if n_calls:  # the first n_calls calls only
         plan = plan._replace(ks=plan.ks[:n_calls], n_seq=max(0, plan.n_seq - (len(plan.ks) - n_calls)))
+    score = adaptive and (lambda logits: adaptive_score(logits, 1.0, adaptive))
 
     def fn():
-        zs = torch.full_like(plan.order, model.mask_id)
+        zs, order = torch.full_like(plan.order, model.mask_id), plan.order.clone()  # decode rearranges an adaptive one
         with amp, torch.no_grad():
-            model.decode(zs, plan, lambda logits: model.mask_id, kv_cache, args.compile)
+            model.decode(zs, plan._replace(order=order), lambda logits: model.mask_id, kv_cache,
+                         StaticCalls if args.compile and kv_cache else None, score)
         return len(plan.ks)
     return fn
 
@@ -220,6 +224,9 @@ if args.throughput:
             cases["AR"] = (network_calls(models["B"], random_plan(to_gen, 0.0, L, g), True), 1.0)
         if "B" in args.rows:
             cases["Eso-LM (B)"] = (network_calls(models["B"], eso_plan, True), 1.0)
+        if "adaptive" in args.rows:
+            cases["Eso-LM (B) adaptive"] = (network_calls(models["B"], random_plan(to_gen, 1.0, L, g), True,
+                                                          adaptive="confidence"), 1.0)
         if "A" in args.rows:
             cases["Eso-LM (A) alpha0=0.25"] = (network_calls(models["A"], random_plan(to_gen, 0.25, L, g), True), 1.0)
         if "MDLM" in args.rows:
@@ -236,7 +243,7 @@ if args.throughput:
         seconds = {name: r["seconds"] for name, r in row.items() if isinstance(r, dict)}
         b_sec = seconds.get("Eso-LM (B)")
         row["ratios"] = {f"{name.removesuffix(' (cost model)')} / Eso-LM (B)": s / b_sec for name, s in seconds.items()
-                         if b_sec and name.startswith(("MDLM", "BD3"))}
+                         if b_sec and name.startswith(("MDLM", "BD3", "Eso-LM (B) adaptive"))}
         if b_sec and "AR" in seconds:
             row["ratios"]["Eso-LM (B) / AR"] = b_sec / seconds["AR"]
         print("   " + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratios"].items()), flush=True)
@@ -316,6 +323,7 @@ if not args.skip_sampling and not args.lengths:
         cases[f"B cached a0=1 T={steps}"] = sampler(models["B"], 1.0, steps)
         cases[f"B uncached a0=1 T={steps}"] = sampler(models["B"], 1.0, steps, kv_cache=False)
     cases["B cached a0=0 (AR)"] = sampler(models["B"], 0.0, 1)
+    cases[f"B cached adaptive a0=1 T={L}"] = sampler(models["B"], 1.0, L, adaptive="confidence")
     for alpha0 in (1.0, 0.25):
         cases[f"A cached a0={alpha0} T={L}"] = sampler(models["A"], alpha0, L)
         cases[f"A uncached a0={alpha0} T={L}"] = sampler(models["A"], alpha0, L, kv_cache=False)
@@ -357,14 +365,15 @@ def saved_bytes(fn):
 
 
 if not args.skip_training and not args.lengths:
-    model = make_model("B", L).train()
+    model = make_model("B", L).train()  # the same weights, trained for each alpha0 in turn
     torch.manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (args.train_batch, L), device=device)
 
     def step(alpha0):
         def fn():
+            model.config = replace(model.config, alpha0=alpha0)
             with amp:
-                loss = model.loss(x, alpha0, batch_split=0.5)
+                loss = model.loss(x, batch_split=0.5)
             loss.backward()
             model.zero_grad(set_to_none=True)
         return fn
@@ -385,7 +394,8 @@ if not args.skip_training and not args.lengths:
             memory = torch.cuda.max_memory_allocated(device)
         else:
             memory = saved_bytes(fn)
-        mfu = loss_flops(model, args.train_batch, alpha0s[name]) / secs[name] / args.peak_flops if cuda else None
+        model.config = replace(model.config, alpha0=alpha0s[name])
+        mfu = loss_flops(model, args.train_batch) / secs[name] / args.peak_flops if cuda else None
         train[name] = {"seconds": secs[name], "tokens_per_s": args.train_batch * L / secs[name],
                        "memory_bytes": memory, "mfu": mfu}
         print(f"  {name:34s} {secs[name] * 1000:8.1f} ms  {args.train_batch * L / secs[name]:9,.0f} tok/s  "

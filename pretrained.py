@@ -1,7 +1,10 @@
 """
 Loading the paper's published checkpoints (sahoo-diffusion/Eso-LM-B-alpha-1 and -alpha-0_25 on the Hugging Face hub)
-into esolm.py's backbone: the download, the safetensors format read by hand (no new dependency), the shape table of
-the authors' network and the fold. EsoLM.from_pretrained calls load_official; docs/pretrained.md tells the story.
+into esolm.py's backbone: the download, the safetensors format by hand (no new dependency), the shape table of the
+authors' network and the fold. The entry point is from_pretrained; docs/pretrained.md tells the story.
+
+    from pretrained import from_pretrained
+    model = from_pretrained("sahoo-diffusion/Eso-LM-B-alpha-0_25")   # or a folder holding the two files
 
 The authors' network is a DiT: after each LayerNorm comes adaLN, h * (1 + scale) + shift, and each residual branch is
 multiplied by a gate, all computed from c = silu(sigma_map(sigma)). Eso-LMs always run at sigma = 0 (no time input),
@@ -12,13 +15,14 @@ import http.client
 import json
 import math
 import os
+import re
 import urllib.request
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from esolm import EsoLM, EsoLMConfig
+from esolm import EsoLM, EsoLMConfig, check
 
 HUB_URL = "https://huggingface.co/{repo}/resolve/main/{file}"  # tests point it at a file:// folder
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -43,6 +47,22 @@ def read_safetensors(path):
                              f"the {len(data)} stored")
         tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).view(t["shape"])  # an aligned copy
     return tensors
+
+
+def write_safetensors(path, tensors):
+    """{name: tensor} as a .safetensors file (the reader's format above; the header padded to 8 bytes, as the official
+    writer does). The tests and the GPU check write checkpoints in the authors' format with it."""
+    codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        blob = t.contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
 
 
 def download(repo, file):
@@ -101,12 +121,39 @@ def fold_official(sd, n_layer):
                   "lm_head.bias": sd["output_layer.linear.bias"][:-1]}
 
 
-def load_official(source, dtype=torch.float32, overrides=None):
-    """The model EsoLM.from_pretrained returns: read, check, fold, build."""
+def is_published(source):
+    """Whether source names a published model from_pretrained loads: a folder, or a hub id owner/name."""
+    return os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+
+
+def official_shapes(V, C, n_layer, n_head, cond=128, n_freq=256):
+    """{name: shape} of the authors' network's state_dict, V tokens (plus the mask) wide C: what the loader expects.
+    The published models: V = 50257, C = 768, 12 layers and heads, cond 128, n_freq 256."""
+    R, hs = V + 1, C // n_head  # embedding and output rows: the tokens, then the mask
+    block = {"norm1.weight": (C,), "attn_qkv.weight": (3 * C, C), "attn_out.weight": (C, C), "norm2.weight": (C,),
+             "mlp.0.weight": (4 * C, C), "mlp.0.bias": (4 * C,), "mlp.2.weight": (C, 4 * C), "mlp.2.bias": (C,),
+             "adaLN_modulation.weight": (6 * C, cond), "adaLN_modulation.bias": (6 * C,)}
+    return {"vocab_embed.embedding": (R, C), "sigma_map.mlp.0.weight": (cond, n_freq), "sigma_map.mlp.0.bias": (cond,),
+            "sigma_map.mlp.2.weight": (cond, cond), "sigma_map.mlp.2.bias": (cond,), "rotary_emb.inv_freq": (hs // 2,),
+            "output_layer.norm_final.weight": (C,), "output_layer.linear.weight": (R, C),
+            "output_layer.linear.bias": (R,), "output_layer.adaLN_modulation.weight": (2 * C, cond),
+            "output_layer.adaLN_modulation.bias": (2 * C,),
+            **{f"blocks.{i}.{k}": shape for i in range(n_layer) for k, shape in block.items()}}
+
+
+def from_pretrained(source, dtype=torch.float32, alpha0=None, **overrides):
+    """One of the paper's published Eso-LM (B) models, exactly, in eval mode: source is a folder holding
+    model.safetensors and config.json, or a hub id such as "sahoo-diffusion/Eso-LM-B-alpha-1" (downloaded once). The
+    alpha0 it was trained for comes from config.json ("alpha0") or the name (...-alpha-0_25); `alpha0` is the value
+    to take when neither says. overrides: EsoLMConfig fields, e.g. block_size."""
     paths = [os.path.join(source, f) if os.path.isdir(source) else download(source, f)
              for f in ("config.json", "model.safetensors")]
     with open(paths[0]) as f:
         meta = json.load(f)
+    named = re.search(r"alpha-(\d+(?:_\d+)?)$", source.rstrip("/"))
+    alpha0 = meta.get("alpha0", float(named.group(1).replace("_", ".")) if named else alpha0)
+    check(alpha0 is not None, "from_pretrained", "alpha0", None, f"needed for {source} (its config does not say "
+          "which alpha0 it was trained with)")
     sd = {k.removeprefix("backbone."): v for k, v in read_safetensors(paths[1]).items()}  # the hub's wrapper adds it
     for k in ("vocab_embed.embedding", "sigma_map.mlp.0.weight", "rotary_emb.inv_freq"):  # read for the config
         if k not in sd:
@@ -118,20 +165,11 @@ def load_official(source, dtype=torch.float32, overrides=None):
     config = EsoLMConfig(**{"vocab_size": rows - 1, "n_embd": C, "n_layer": meta.get("n_blocks", n_blocks),
                             "n_head": meta.get("n_heads", max(1, C // (2 * len(sd["rotary_emb.inv_freq"])))),
                             "block_size": meta.get("model_length", 1024), "variant": "B", "bias": True, "gelu": "tanh",
-                            **(overrides or {})})
+                            "alpha0": alpha0, **overrides})
     if meta.get("mask_index", rows - 1) != config.vocab_size:
         raise ValueError(f"{paths[0]}: mask_index {meta['mask_index']} is not the last embedding row, "
                          f"{config.vocab_size}, where this backbone keeps the mask")
-    R, hs = config.vocab_size + 1, C // config.n_head  # embedding and output rows: the tokens, then the mask
-    block = {"norm1.weight": (C,), "attn_qkv.weight": (3 * C, C), "attn_out.weight": (C, C), "norm2.weight": (C,),
-             "mlp.0.weight": (4 * C, C), "mlp.0.bias": (4 * C,), "mlp.2.weight": (C, 4 * C), "mlp.2.bias": (C,),
-             "adaLN_modulation.weight": (6 * C, cond), "adaLN_modulation.bias": (6 * C,)}
-    want = {"vocab_embed.embedding": (R, C), "sigma_map.mlp.0.weight": (cond, n_freq), "sigma_map.mlp.0.bias": (cond,),
-            "sigma_map.mlp.2.weight": (cond, cond), "sigma_map.mlp.2.bias": (cond,), "rotary_emb.inv_freq": (hs // 2,),
-            "output_layer.norm_final.weight": (C,), "output_layer.linear.weight": (R, C),
-            "output_layer.linear.bias": (R,), "output_layer.adaLN_modulation.weight": (2 * C, cond),
-            "output_layer.adaLN_modulation.bias": (2 * C,),
-            **{f"blocks.{i}.{k}": shape for i in range(config.n_layer) for k, shape in block.items()}}
+    want = official_shapes(config.vocab_size, C, config.n_layer, config.n_head, cond, n_freq)
     for k in sorted(want.keys() | sd.keys()):
         if k not in sd or k not in want:
             raise ValueError(f"{paths[1]}: {'missing' if k not in sd else 'unexpected'} tensor {k!r} (an Eso-LM DiT "

@@ -1,7 +1,11 @@
 """
 The cached sampler's calls at static shapes, so that torch.compile captures each as one graph, and on a GPU as one
-CUDA graph (mode="reduce-overhead"): gpt-fast's decode step, applied to the Eso-LM sampler. EsoLM.generate uses it
-when asked (compile=True). esolm.py's eager call is the lesson; this is the same computation, laid out for speed.
+CUDA graph (mode="reduce-overhead"): gpt-fast's decode step, applied to the Eso-LM sampler. The caller asks for it,
+as gpt-fast's generate.py compiles its own decode step; esolm.py does not know this file exists:
+
+    model.generate(8, calls=StaticCalls)
+
+esolm.py's eager call is the lesson; this is the same computation, laid out for speed.
 
 What changes against the eager call (EsoLM.decode):
 - The cache keeps all its slots, L plus one, and attention reads all of them; the mask is computed on the device
@@ -67,18 +71,19 @@ def compiled_step(model, B, dtype, device):
 
 
 class StaticCalls:
-    """The cached calls of one sampling run (EsoLM.decode's Feeds, in order) through the compiled step."""
+    """The cached calls of one sampling run (EsoLM.decode's Feeds, in order) through the compiled step: the `calls`
+    factory of EsoLM.generate."""
 
     def __init__(self, model, zs, order, feeds):
         self.zs, self.order, self.mask_id = zs, order, model.mask_id
         self.step = compiled_step(model, zs.size(0), model.compute_dtype(), zs.device)
         # every call's numbers, moved to the device once: a call then reads its row without a host sync
-        rows = [(f.n_cached, f.d + f.k - f.n_cached, f.prefix) for f in feeds]
+        rows = [(f.n_cached, f.d + f.n - f.n_cached, f.prefix) for f in feeds]
         self.params = iter(torch.tensor(rows, dtype=torch.long).to(zs.device))
 
     def __call__(self, f):
-        """The hidden states (B, k, C) of the k tokens the call decodes, as EsoLM.decode's eager call returns them."""
-        lo, n = f.n_cached, f.d + f.k - f.n_cached
+        """The hidden states (B, n, C) of the call's n masks, as EsoLM.decode's eager call returns them."""
+        lo, n = f.n_cached, f.d + f.n - f.n_cached
         P = bucket(n)
         idx = F.pad(self.zs[:, lo:lo + n], (0, P - n), value=self.mask_id)
         pos = F.pad(self.order[:, lo:lo + n], (0, P - n))

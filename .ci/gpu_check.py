@@ -20,7 +20,7 @@ Steps, each logged to <out>/log.txt, all results in <out>/gpu_check.json (--skip
 5. sample: sample.py from that checkpoint in float32: the cached sampler and --no-kv_cache print the same samples;
 6. bench: bench.py's training step at L = 1024 (MFU);
 7. official: the paper's network through the published-checkpoint loader (a random checkpoint in the authors' format
-   at the published size, written by dit_reference.py), bench.py --init_from --throughput at L = 1024;
+   at the published size, from pretrained.official_shapes), bench.py --init_from --throughput at L = 1024;
 8. compiled: train.py --compile=True.
 A step that fails is recorded with the end of its output, and the check goes on with the next.
 """
@@ -115,12 +115,12 @@ if "calls" not in args.skip:
 if "throughput" not in args.skip:
     bench = [py, "bench.py", f"--device={device}", "--throughput", *tiny]
     small = ["--sample_batch=2", "--uncached_calls=4", "--repeats=1"] if args.smoke else ["--repeats=2"]
-    run("throughput", [*bench, "--lengths", *(["64"] if args.smoke else ["1024", "2048"]), *small,
+    run("throughput", [*bench, "--lengths=" + ("64" if args.smoke else "1024,2048"), *small,
                        f"--json={path('throughput.json')}"], json_out=path("throughput.json"))
-    compiled = [*bench, "--compile", "--rows", "AR", "B", "--lengths", "64" if args.smoke else "2048",
+    compiled = [*bench, "--compile", "--rows=AR,B", "--lengths=" + ("64" if args.smoke else "2048"),
                 f"--sample_batch={2 if args.smoke else 8}", f"--json={path('throughput_compiled.json')}"]
     run("throughput_compiled", compiled, json_out=path("throughput_compiled.json"))
-    run("throughput_8192", [*bench, "--lengths", "128" if args.smoke else "8192", "--repeats=1",
+    run("throughput_8192", [*bench, "--lengths=" + ("128" if args.smoke else "8192"), "--repeats=1",
                             "--uncached_calls=4" if args.smoke else "--uncached_calls=8", *small[:1],
                             f"--json={path('throughput_8192.json')}"], json_out=path("throughput_8192.json"))
 
@@ -141,7 +141,7 @@ if "train" not in args.skip:
 
 if "sample" not in args.skip and os.path.exists(path("train_eager/ckpt.pt")):
     samples = {}
-    for name, extra in (("sample_cached", []), ("sample_uncached", ["--no-kv_cache"])):
+    for name, extra in (("sample_cached", []), ("sample_uncached", ["--kv_cache=False"])):
         output = run(name, [py, "sample.py", f"--out_dir={path('train_eager')}", "--num_samples=4", "--dtype=float32",
                             "--seed=0", *extra])
         if output:
@@ -158,13 +158,19 @@ if "bench" not in args.skip:
 
 if "official" not in args.skip:
     sys.path.insert(0, ROOT)
-    from dit_reference import official_state_dict, save_official  # a random checkpoint in the authors' format
-    V, size = (256, dict(n_layer=1, n_head=2, C=32)) if args.smoke else (50257, dict(n_layer=12, n_head=12, C=768))
-    save_official(path("official"), official_state_dict(V=V, cond=128, **size),
-                  {"mask_index": V, "vocab_size": V + 1, "n_blocks": size["n_layer"], "n_heads": size["n_head"],
-                   "model_length": 1024})
-    run("bench_official", [py, "bench.py", f"--device={device}", f"--init_from={path('official')}", "--throughput",
-                           "--lengths", "64" if args.smoke else "1024", "--repeats=1", "--rows", "MDLM", "B", "AR",
+    from pretrained import official_shapes, write_safetensors  # a random checkpoint in the authors' format
+    V, (n_layer, C) = (256, (1, 32)) if args.smoke else (50257, (12, 768))
+    n_head = C // 64 if not args.smoke else 2
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in official_shapes(V, C, n_layer, n_head).items()}
+    sd["sigma_map.mlp.0.weight"][:, 128:] = 0  # the sin(sigma freq) half, untrained: a model without time input
+    sd["rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, C // n_head, 2).float() / (C // n_head)))
+    os.makedirs(path("official-alpha-1"), exist_ok=True)
+    write_safetensors(path("official-alpha-1/model.safetensors"), sd)
+    with open(path("official-alpha-1/config.json"), "w") as f:
+        json.dump({"mask_index": V, "vocab_size": V + 1, "n_blocks": n_layer, "n_heads": n_head, "model_length": 1024}, f)
+    run("bench_official", [py, "bench.py", f"--device={device}", f"--init_from={path('official-alpha-1')}",
+                           "--throughput", "--lengths=" + ("64" if args.smoke else "1024"), "--repeats=1", "--rows=MDLM,B,AR",
                            "--uncached_calls=4" if args.smoke else "--uncached_calls=16",
                            f"--json={path('bench_official.json')}"], json_out=path("bench_official.json"))
 

@@ -32,7 +32,8 @@ size = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=256) if args.smoke else \
     dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
 L, B = (64 if args.smoke else args.block_size), args.batch
 torch.manual_seed(0)
-models = {v: esolm.EsoLM(esolm.EsoLMConfig(block_size=L, variant=v, **size)).to(device).eval() for v in ("B", "MDLM")}
+models = {v: esolm.EsoLM(esolm.EsoLMConfig(block_size=L, variant=v, alpha0=1.0, **size)).to(device).eval()
+          for v in ("B", "MDLM")}
 amp, dtype = autocast(device)
 plan = esolm.random_plan(torch.ones(B, L, dtype=torch.bool, device=device), 1.0, L,
                          torch.Generator(device=device).manual_seed(0))
@@ -52,7 +53,7 @@ def ms_per_call(model, kv_cache, compile=False, calls=None):
     def loop():
         zs = torch.full_like(plan.order, model.mask_id)
         with amp, torch.no_grad():
-            model.decode(zs, part, lambda logits: model.mask_id, kv_cache, compile)
+            model.decode(zs, part, lambda logits: model.mask_id, kv_cache, static_cache.StaticCalls if compile else None)
 
     loop()
     times = []
@@ -78,7 +79,7 @@ esolm.SAMPLER_ATTENTION = keep
 # 2. the static compiled call, bucket by bucket: the first call compiles (and captures the CUDA graph)
 model = models["B"]
 step = static_cache.compiled_step(model, B, model.compute_dtype() if device == "cpu" else torch.bfloat16, device)
-buckets = sorted({static_cache.bucket(f.d + f.k - f.n_cached) for f in model.feeds(plan)})
+buckets = sorted({static_cache.bucket(f.d + f.n - f.n_cached) for f in model.feeds(plan)})
 results["static"] = {}
 for P in buckets:
     idx = torch.full((B, P), model.mask_id, device=device)

@@ -1,8 +1,7 @@
 """
-The authors' network, written from its description (OFFICIAL_CHECKPOINTS in docs/pretrained.md; the DiT of
-s-sahoo/Eso-LMs, models/dit.py), not from esolm.py's backbone: a writer of checkpoints in their format, with random
-values everywhere, and a reference forward. The tests compare pretrained.py's fold against it, and .ci/gpu_check.py
-writes a checkpoint at the published size with it.
+What both test files share: the authors' network, written from its description (docs/pretrained.md; the DiT of
+s-sahoo/Eso-LMs, models/dit.py) and not from esolm.py's backbone: checkpoints in their format with random values
+everywhere, and a reference forward, which the tests compare pretrained.py's fold against.
 """
 import json
 import math
@@ -11,19 +10,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-def write_safetensors(path, tensors):
-    """The safetensors format: an 8-byte little-endian header size, a JSON header, then the raw bytes."""
-    codes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in tensors.items():
-        blob = t.contiguous().flatten().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # the official writer pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+from pretrained import write_safetensors
 
 
 def official_state_dict(n_layer=2, n_head=2, cond=8, seed=0, V=11, C=32):
