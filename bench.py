@@ -150,8 +150,8 @@ def sampler(model, alpha0, steps, kv_cache=None, prompt=None, structured=False, 
     def fn():
         g = torch.Generator(device=device).manual_seed(0)
         with amp:
-            return model.generate(sample_batch(model.config.block_size), alpha0, steps, prompt=prompt, adaptive=adaptive,
-                                  kv_cache=kv_cache, generator=g, calls=calls, **order).nfe
+            return model.generate(sample_batch(model.config.block_size), alpha0, steps, prompt=prompt,
+                                  adaptive=adaptive, kv_cache=kv_cache, generator=g, calls=calls, **order).nfe
     return fn
 
 

@@ -11,8 +11,8 @@ alpha0 L clean tokens, which the sequential phase fills left to right. alpha0 = 
 model knows the alpha0 it is trained for (EsoLMConfig). Sorted order: the layout of a forward, clean tokens before
 masks (the sequential forward puts its z-queries in front: [z ; x]); in sampling, the generation order (cache slot i
 holds the i-th token decoded). order[b, i] is the original position of the i-th token of row b; RoPE rotates each
-token by it, so the attention mask is the only place the order shows. T: the sampler's diffusion steps; k: the tokens
-a network call decodes; NFE: the calls of a run. Sizes: B rows, n tokens fed, C channels, nh heads of hs channels.
+token by it, so the attention mask is the only place the order shows. T: the sampler's diffusion steps; k: tokens a
+call decodes; NFE: the calls of a run. Sizes: B rows, n tokens fed, C channels, nh heads of hs channels.
 """
 import math
 from collections import namedtuple
@@ -38,8 +38,8 @@ class EsoLMConfig:
     variant: str = "B"  # "B": KV cache in both phases; "A": bidirectional clean tokens; "MDLM": the baseline
     alpha0: float = 0.25  # what the model is trained for: the fraction of tokens the diffusion phase decodes
     rope_base: float = 10000.0
-    # the two switches the paper's published network needs (pretrained.py); off, the backbone is nanoGPT's
-    bias: bool = False  # biases in the LayerNorms, the MLP and lm_head; attention has none either way
+    pos_emb: bool = False  # also a learned absolute position embedding (nanoGPT's wpe): Sudoku's rows and boxes need it
+    bias: bool = False  # biases in the LayerNorms, MLP and lm_head (with gelu="tanh": the paper's published network)
     gelu: str = "exact"  # "exact" erf GELU, or "tanh": the approximation the paper's network uses
 
     def __post_init__(self):
@@ -141,6 +141,7 @@ class Transformer(nn.Module):
         self.config = config
         self.mask_id = config.vocab_size
         self.wte = nn.Embedding(config.vocab_size + 1, config.n_embd)  # + 1 row for the mask token
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb else None  # at original positions
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         # untied head over the V real tokens only: the mask is never predicted ("zero masking")
@@ -165,7 +166,7 @@ class Transformer(nn.Module):
         over the sorted order (MDLM: all to all). caches: a KVCache per layer, written at [start, start + n). n_z > 0:
         the sequential layout [z ; x]: n_z z-queries with `mask`, then the x-stream with `x_mask` (None: causal).
         Returns the hidden states (B, n, C): callers apply lm_head to the rows they need (no C x V on clean tokens)."""
-        x = self.wte(idx)
+        x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(pos)
         dtype = self.compute_dtype()
         cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))  # (B, 1, n, hs/2)
         mask, x_mask = (None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(
@@ -180,10 +181,9 @@ class Transformer(nn.Module):
 # Attention masks. A[q, j] = True: the token at sorted index q may attend to the one at sorted index j.
 
 def visible(q, j, prefix):
-    """The rule behind the diffusion masks, the x-stream of the sequential layout and every sampler call: causal
-    over the sorted order, except that the first `prefix` tokens (the bidirectional clean block of (A); 0 for (B))
-    see each other both ways. q, j: sorted indices (nq,), (nk,); prefix: a number, or (B, 1, 1) for one per row."""
-    return (j <= q[:, None]) | (j < prefix)  # (nq, nk), or (B, nq, nk) with a per-row prefix
+    """Causal over the sorted order, but the first `prefix` tokens ((A)'s clean block; (B): 0) see each other both ways:
+    the diffusion masks, the x-stream and every sampler call. q, j: sorted indices (nq,), (nk,); prefix: a number."""
+    return (j <= q[:, None]) | (j < prefix)  # (nq, nk), or (B, nq, nk) with a per-row prefix (B, 1, 1)
 
 
 def diffusion_mask(prefix, L, variant):
@@ -248,14 +248,10 @@ def mdm_weight(alpha0, t):
     return alpha0 * (1 - EPS) / (1 - alpha_t(alpha0, t))
 
 
-def rand(*shape, device, generator=None, dtype=torch.float32):  # uniform [0, 1), from `generator` when given
-    return torch.rand(shape, device=device, generator=generator, dtype=dtype)
-
-
 def stratified_t(n, device, generator=None):
     """t for n rows, stratified as the official code draws it: row i is uniform in the i-th of n equal slices of
     [0, 1), mapped to [EPS, 1) (less variance than independent draws; t >= EPS keeps the MDM weight at most 1 / EPS)."""
-    u = (rand(n, device=device, generator=generator) + torch.arange(n, device=device)) / n
+    u = (torch.rand(n, device=device, generator=generator) + torch.arange(n, device=device)) / n
     return EPS + (1 - EPS) * u
 
 
@@ -277,15 +273,14 @@ def clean_first_order(clean, shuffle, generator=None):
     """(B, L) positions in sorted order: the clean first (shuffled, or left to right), then the others left to right."""
     B, L = clean.shape
     pos = torch.arange(L, device=clean.device) / L
-    key = rand(B, L, device=clean.device, generator=generator) if shuffle else pos.expand(B, L)
+    key = torch.rand(B, L, device=clean.device, generator=generator) if shuffle else pos.expand(B, L)
     return torch.where(clean, key, 1 + pos).argsort(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Sampling plans: which positions each network call decodes
 
-# order (B, L): the positions in generation order, the given tokens (prompt) first; ks: the tokens decoded by each
-# call (NFE = len(ks)); n_seq: how many of the last calls form the sequential phase (one token each)
+# order (B, L): the positions in generation order, given tokens first; ks: tokens per call; n_seq: sequential calls
 Plan = namedtuple("Plan", "order ks n_seq")
 
 
@@ -296,7 +291,7 @@ def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
     parallelism, about alpha0 n_gen / T tokens a call; steps that reveal nothing are dropped (no call)."""
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
     p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step i), then P(sequential)
-    step = torch.searchsorted(p.cumsum(0), rand(n_gen, device=device, generator=generator, dtype=torch.float64),
+    step = torch.searchsorted(p.cumsum(0), torch.rand(n_gen, device=device, generator=generator, dtype=torch.float64),
                               right=True).clamp(max=steps)
     k = torch.bincount(step, minlength=steps + 1).tolist()
     return [n for n in k[:steps] if n], k[steps]
@@ -305,12 +300,10 @@ def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
 def random_plan(to_gen, alpha0, steps, generator=None):
     """The paper's default plan: per row, the given tokens, then the diffusion positions in a random order, then the
     rest left to right; the binomial schedule over T = steps. to_gen (B, L): True where a token is to be generated."""
-    B, L = to_gen.shape
-    n_gen = int(to_gen[0].sum())
-    ks, n_seq = reveal_schedule(n_gen, alpha0, steps, to_gen.device, generator)
-    order = (rand(B, L, device=to_gen.device, generator=generator) + to_gen).argsort(1)  # given first, then random
-    n_first = L - n_seq
-    return Plan(torch.cat([order[:, :n_first], order[:, n_first:].sort(1).values], 1), ks + [1] * n_seq, n_seq)
+    (B, L), dev = to_gen.shape, to_gen.device
+    ks, n_seq = reveal_schedule(int(to_gen[0].sum()), alpha0, steps, dev, generator)
+    order = (torch.rand(B, L, device=dev, generator=generator) + to_gen).argsort(1)  # given first, then random
+    return Plan(torch.cat([order[:, :L - n_seq], order[:, L - n_seq:].sort(1).values], 1), ks + [1] * n_seq, n_seq)
 
 
 def subcontext_plan(to_gen, S, alpha0, shuffle, generator=None):
@@ -325,9 +318,9 @@ def subcontext_plan(to_gen, S, alpha0, shuffle, generator=None):
     # the inverse permutation of offsets (offset -> its call, (S,)), read at pos % S: the call of each position, (L,)
     call = torch.empty_like(offsets).scatter_(0, offsets, torch.arange(S, device=dev))[pos % S]
     diffusion = to_gen & (call < n_pattern)
-    within = rand(B, L, device=dev, generator=generator, dtype=torch.float64) if shuffle else pos.double() / L
+    within = torch.rand(B, L, device=dev, generator=generator, dtype=torch.float64) if shuffle else pos.double() / L
     key = torch.where(diffusion, 1 + call + within, 1 + n_pattern + pos.double() / L)
-    order = torch.where(to_gen, key, rand(B, L, device=dev, generator=generator, dtype=torch.float64)).argsort(1)
+    order = torch.where(to_gen, key, torch.rand(B, L, device=dev, generator=generator, dtype=torch.float64)).argsort(1)
     counts = torch.zeros(B, S, dtype=torch.long, device=dev).scatter_add_(1, call.expand(B, L), diffusion.long())
     check(bool((counts == counts[:1]).all()), "generate", "prompt", "(rows with different given positions)",
           "a subcontext order needs the same given positions in every row (the rows share the calls)")
@@ -344,7 +337,7 @@ def sample_tokens(logits, temperature, top_p, generator=None):
         p_sorted, idx = logp.exp().sort(-1, descending=True)
         drop = p_sorted.cumsum(-1) - p_sorted >= top_p
         logp = logp.scatter(-1, idx, logp.gather(-1, idx).masked_fill(drop, -math.inf))
-    u = rand(*logp.shape, device=logp.device, generator=generator, dtype=torch.float64)
+    u = torch.rand(*logp.shape, device=logp.device, generator=generator, dtype=torch.float64)
     return (logp - (-u.log()).log()).argmax(-1)
 
 
@@ -355,9 +348,9 @@ def adaptive_score(logits, temperature, rule):
     return p[..., 0] - p[..., 1] if rule == "margin" else p[..., 0]
 
 
-# One network call: d tokens are decoded (given ones included); feed sorted indices [n_cached, d + n) (the cache
-# holds [0, n_cached)) and decode k of the n masks at [d, d + n): all of them (n = k) in the plan's order, the k
-# best-scored in an adaptive one (n: every mask left). prefix: (A)'s bidirectional clean block, (B): 0.
+# One network call: d tokens are decoded (given ones included); feed sorted indices [n_cached, d + n) (the cache holds
+# [0, n_cached)), decode k of the n masks at [d, d + n): all (n = k), or in an adaptive order the k best of every mask
+# left. prefix: (A)'s bidirectional clean block, (B): 0
 Feed = namedtuple("Feed", "n_cached d k n prefix")
 # What generate returns: x (B, L), the samples; calls (B, L), the call that decoded each position (0: given); nfe
 Samples = namedtuple("Samples", "x calls nfe")
@@ -430,10 +423,10 @@ class EsoLM(Transformer):
         B, L = x.shape
         if alpha0 == 0:  # the weight alpha0 (1 - EPS) / (1 - alpha_t) is 0: skip the forward pass
             return torch.zeros(B, device=x.device), torch.zeros(B, device=x.device, dtype=torch.long)
-        masked = rand(B, L, device=x.device, generator=generator) < 1 - alpha_t(alpha0, t)[:, None]  # M(z_t)
+        masked = torch.rand(B, L, device=x.device, generator=generator) < 1 - alpha_t(alpha0, t)[:, None]  # M(z_t)
         # sorted order: clean tokens first, then masks, each group in a random order: an order the sampler produces
         # (decoded so far, then decoding now), so (B)'s causal attention trains on exactly the contexts it samples with
-        order = (rand(B, L, device=x.device, generator=generator) + masked).argsort(1)
+        order = (torch.rand(B, L, device=x.device, generator=generator) + masked).argsort(1)
         xs, ms = x.gather(1, order), masked.gather(1, order)
         h = self.diffusion_forward(xs.masked_fill(ms, self.mask_id), order, L - ms.sum(1))
         return nll_per_row(self.lm_head(h[ms]), xs[ms], ms), ms.sum(1)
@@ -441,7 +434,7 @@ class EsoLM(Transformer):
     def _ar_term(self, x, alpha0, generator=None):
         """sum_{l in M(z0)} -log p(x_l | z0 and the true tokens of M(z0) left of l), z0 ~ q_0, for each row."""
         B, L = x.shape
-        masked = rand(B, L, device=x.device, generator=generator) < 1 - alpha0  # M(z0); every token at alpha0 = 0
+        masked = torch.rand(B, L, device=x.device, generator=generator) < 1 - alpha0  # M(z0); every token at alpha0 = 0
         if not masked.any():
             return torch.zeros(B, device=x.device)
         # sorted order: z0's clean tokens, then its masks left to right, as the sampler decodes them; for (B) the clean
@@ -465,13 +458,10 @@ class EsoLM(Transformer):
         alpha0 = self._check_likelihood_args(x, alpha0)
         check(self.config.variant == "B", "exact_nll", "variant", self.config.variant,
               "exact_nll needs variant B: the clean tokens of (A) and MDLM see each other both ways")
-        B, L = x.shape
-        no_clean = torch.zeros(B, dtype=torch.long, device=x.device)
+        (B, L), no_clean = x.shape, torch.zeros(x.size(0), dtype=torch.long, device=x.device)
         p = (alpha_t(alpha0, 0.0) - alpha_t(alpha0, 1.0)) / (1 - alpha_t(alpha0, 1.0))  # (a_0 - a_1) / (1 - a_1)
-        log_p = []
-        for _ in range(num_orders):
-            diffusion = rand(B, L, device=x.device, generator=generator) < p
-            log_p.append(-self._sequential_nll(x, clean_first_order(diffusion, True, generator), no_clean))
+        log_p = [-self._sequential_nll(x, clean_first_order(torch.rand(B, L, device=x.device, generator=generator) < p,
+                                                            True, generator), no_clean) for _ in range(num_orders)]
         return math.log(num_orders) - torch.stack(log_p).logsumexp(0)
 
     # ------------------------------------------------------------------------------------------------------
@@ -522,7 +512,7 @@ class EsoLM(Transformer):
             prefix = 0 if self.config.variant == "B" else min(d, c_switch)
             feeds.append(Feed(n_cached, d, k, L - d if adaptive and d < c_switch else k, prefix))
             # n_cached is set for the NEXT call: the d tokens decoded before this one are final once it has run. In
-            # the README's example, call 2 is Feed(0, 2, 2, ..): it feeds [0, 4); call 3 then caches [0, 2), feeds [2, 5)
+            # the README's example call 2 is Feed(0, 2, 2, ..), feeding [0, 4); call 3 then caches [0, 2), feeds [2, 5)
             n_cached = d if self.config.variant == "B" or d >= c_switch else 0  # the masks' slots are overwritten
             d += k
         return feeds
@@ -566,8 +556,7 @@ class EsoLM(Transformer):
         if prompt is None:
             return torch.full((B, L), self.mask_id, device=dev)
         check(torch.is_tensor(prompt) and prompt.dtype == torch.long and prompt.dim() in (1, 2) and prompt.size(-1) <= L
-              and (prompt.dim() == 1 or prompt.size(0) == B), "generate", "prompt",
-              (prompt.dtype, tuple(prompt.shape)) if torch.is_tensor(prompt) else type(prompt).__name__,
+              and (prompt.dim() == 1 or prompt.size(0) == B), "generate", "prompt", getattr(prompt, "shape", prompt),
               f"must be a LongTensor (P,) or ({B}, P) with P <= {L}")
         check(not prompt.numel() or 0 <= prompt.min() <= prompt.max() <= V, "generate", "prompt", "...",
               f"holds ids outside [0, {V}] (the mask id {V} marks a position to generate)")
@@ -581,7 +570,7 @@ class EsoLM(Transformer):
         L, V = self.config.block_size, self.config.vocab_size
         check(torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long, "nelbo", "x",
               (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else x, f"must be a LongTensor of shape (B, {L})")
-        check(not x.numel() or 0 <= x.min() <= x.max() < V, "nelbo", "x", "...", f"holds ids outside [0, {V}): real tokens")
+        check(not x.numel() or 0 <= x.min() <= x.max() < V, "nelbo", "x", "...", f"holds ids outside [0, {V})")
         return check_alpha0("nelbo", self.config.alpha0 if alpha0 is None else alpha0, self.config.variant)
 
     def _check_sampling_args(self, a):  # generate's door: its arguments (a dict), by RULES and against the model

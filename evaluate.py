@@ -64,7 +64,7 @@ class Settings:
     baselines: tuple[str, ...] = setting((), "more out_dirs (an MDLM run, an AR run), each at its own alpha0")
     alpha0s: tuple[float, ...] = setting((), "grid: default --alpha0; Sudoku: more alpha0 beside each model's own",
                                          rule="alpha0")
-    steps: tuple[int, ...] = setting((), "T (and S of subcontext cells); default 16,64,128 (Sudoku: 1024)", rule="steps")
+    steps: tuple[int, ...] = setting((), "T (and S of subcontext cells); default 16,64,128 (Sudoku: 1024)", "steps")
     grid_orders: tuple[str, ...] = setting((), f"of {', '.join(ORDERS)}; default random (Sudoku: random, confidence, "
                                            "margin)")
     subcontext_len: int = setting(0, "S of the subcontext cells (0: S = T)", rule="subcontext_len")
@@ -192,8 +192,9 @@ def main():
     folder = cfg.out_dir if ckpt else "."
     if cfg.grid or cfg.sudoku:
         own = [] if cfg.grid else [alpha0]  # Sudoku: each model at its own alpha0, and at --alpha0s
+        more = list(cfg.alpha0s) if cfg.sudoku else []  # Sudoku: every model at --alpha0s too
         runs = [(name, model, list(dict.fromkeys(own + list(cfg.alpha0s or [alpha0]))))] + [
-            (n, m, list(dict.fromkeys([m.config.alpha0] + list(cfg.alpha0s if cfg.sudoku else ())))) for n, m in baselines]
+            (n, m, list(dict.fromkeys([m.config.alpha0] + more))) for n, m in baselines]
     if cfg.sudoku:
         results = cells(runs, cfg, lambda m, a0, **kw: {"sudoku": solve_sudoku(
             m, data_dir, dataset, cfg.puzzles, cfg.batch_size, amp, cfg.seed, alpha0=a0, **kw)})
@@ -233,10 +234,10 @@ def main():
         values = likelihoods(model, x, alpha0, cfg.orders, cfg.seed, cfg.batch_size)
     for key, v in values.items():
         mean, se = mean_se(v)
-        label = {"nelbo": "NELBO"}.get(key, f"exact, K = {key[7:].split('_')[0]}" if "minus" not in key else
-                                       "  minus the NELBO")
-        print(f"  {label:24s} {mean:.4f} +- {se:.4f} nats/token   {'perplexity ratio' if 'minus' in key else 'perplexity'}"
-              f" {math.exp(mean):.3f} +- {math.exp(mean) * se:.3f}")
+        label = "NELBO" if key == "nelbo" else "  minus the NELBO" if "minus" in key else f"exact, K = {key[7:]}"
+        what = "perplexity ratio" if "minus" in key else "perplexity"
+        print(f"  {label:24s} {mean:.4f} +- {se:.4f} nats/token   {what} {math.exp(mean):.3f} +- "
+              f"{math.exp(mean) * se:.3f}")
         results[key] = {"mean": mean, "se": se}
     if model.config.variant != "B":
         print("  exact likelihood: variant B only (the clean tokens of (A) see each other both ways)")

@@ -55,7 +55,8 @@ class Settings:
     def __post_init__(self):
         """The door: every setting is checked here, before anything is written; past it, the code trusts them."""
         if self.name is None:  # owt/ or owt/*.jsonl -> owt, owt.jsonl -> owt
-            self.name = "sudoku" if self.sudoku else Path(glob_root(self.input[0])).stem if self.input else "shakespeare"
+            self.name = "sudoku" if self.sudoku else Path(glob_root(self.input[0])).stem if self.input else \
+                "shakespeare"
         need(self, 0 < self.val_fraction < 1, "val_fraction", "must be strictly between 0 and 1: the fraction held out")
         for key in ("shard_tokens", "workers", "sudoku_train", "sudoku_test"):
             need(self, getattr(self, key) >= 1, key, "must be at least 1")
@@ -148,7 +149,8 @@ def tokenize_file(tokenizer_name, seed, val_fraction, file):
 def main(argv=None):
     cfg = configure(Settings, argv, doc=__doc__)
     if cfg.sudoku:
-        meta = build_sudoku(cfg.data_dir, cfg.name, cfg.sudoku_train, cfg.sudoku_test, cfg.givens, cfg.seed, cfg.workers)
+        meta = build_sudoku(cfg.data_dir, cfg.name, cfg.sudoku_train, cfg.sudoku_test, cfg.givens, cfg.seed,
+                            cfg.workers)
         print(f"wrote {os.path.join(cfg.data_dir, cfg.name)}: {meta['train_grids']:,} solved grids (train), "
               f"{meta['test_puzzles']:,} held-out puzzles with {cfg.givens[0]}-{cfg.givens[1]} givens and their "
               "solutions (val), 81 tokens each, digits 1-9 as ids 0-8")

@@ -3,16 +3,14 @@ Sample from a checkpoint written by train.py, or from one of the paper's publish
 
     python sample.py --out_dir=out                              # at the alpha0 the model was trained for
     python sample.py --out_dir=out --show                       # watch sample 1 decode, one frame per network call
-    python sample.py --out_dir=out --alpha0=1 --steps=32        # any alpha0 and number of diffusion steps T
-    python sample.py --out_dir=out --prompt="**ROMEO**"         # continue a prefix
+    python sample.py --out_dir=out --alpha0=1 --steps=32 --prompt="**ROMEO**"   # alpha0, T steps, a prefix
     python sample.py --out_dir=out --infill="**ROMEO** [[60]] **JULIET**"   # [[n]]: n tokens to generate there
     python sample.py --out_dir=out --adaptive=margin            # the model chooses the order as it decodes
     python sample.py --out_dir=out --alpha0=1 --subcontext_len=16          # the paper's structured order: NFE 16
     python sample.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-0_25 --prompt="The"
     python sample.py --explain                                  # the README's worked example, printed by the code
 
-Positions after the prompt or template are generated too; each sample is cut at its first end-of-text token after the
-prompt. Each batch prints its network calls (NFE) and time; for byte-level data, the corpus word rate follows.
+Each sample is cut at its first end-of-text token after the prompt; each batch prints its network calls (NFE) and time.
 """
 import itertools
 import sys
@@ -70,18 +68,17 @@ def render(row, decoded, tokenizer):
 
 
 def show(row, call, nfe, tokenizer):
-    """Replay one sample's decoding: the canvas after each network call (call[i]: the call that decoded position i,
-    0 for the prompt). In a terminal the frames redraw in place over about 8 seconds; piped, at most 24 are printed."""
+    """Replay a decoding, the canvas after each call (call[i]: the call that decoded i); piped, 24 frames at most."""
     tty = sys.stdout.isatty()
     for c in range(nfe + 1) if tty else sorted({round(i * nfe / 23) for i in range(24)}):
         head = f"---------- after call {c} of {nfe}: {call.count(c)} new token(s), {sum(k > c for k in call)} masked"
-        print(("\x1b[H\x1b[J" if tty else "") + head + "\n" + render(row, [k <= c for k in call], tokenizer), flush=True)
+        canvas = render(row, [k <= c for k in call], tokenizer)
+        print(("\x1b[H\x1b[J" if tty else "") + head + "\n" + canvas, flush=True)  # in a terminal: home, clear, draw
         time.sleep(min(0.3, max(0.02, 8 / max(nfe, 1))) if tty else 0)
 
 
 def explain(L=8, alpha0=0.5, steps=4, seed=16):
-    """The README's worked example, printed by the code: Eso-LM (B) sampling L = 8 tokens at alpha0 = 0.5 with a
-    tiny random model (letters for tokens, _ for a mask), call by call: what each call feeds and decodes."""
+    """The README's worked example: a tiny random Eso-LM (B) samples 8 letters (_: a mask), call by call."""
     torch.manual_seed(seed)
     model = EsoLM(EsoLMConfig(vocab_size=26, block_size=L, n_layer=1, n_head=2, n_embd=16, alpha0=alpha0)).double()
     letters = [chr(ord("a") + i) for i in range(26)] + ["_"]
@@ -92,20 +89,20 @@ def explain(L=8, alpha0=0.5, steps=4, seed=16):
     n_diffusion_calls = len(plan.ks) - plan.n_seq
     print(f"Eso-LM (B), L = {L}, alpha0 = {alpha0}, T = {steps} diffusion steps, a tiny random model (seed {seed})\n\n"
           f"generation order: positions {' '.join(map(str, order[:n_diffusion]))} | "
-          f"{' '.join(map(str, order[n_diffusion:]))}\n  the diffusion phase decodes {n_diffusion} positions in a random "
-          f"order, in {n_diffusion_calls} calls: the T = {steps} steps but those that reveal nothing\n  then the "
-          f"sequential phase decodes the other {plan.n_seq}, left to right, one per call\n"
+          f"{' '.join(map(str, order[n_diffusion:]))}\n  the diffusion phase decodes {n_diffusion} positions in a "
+          f"random order, in {n_diffusion_calls} calls: the T = {steps} steps but those that reveal nothing\n  "
+          f"then the sequential phase decodes the other {plan.n_seq}, left to right, one per call\n"
           "sorted layout: cache slot i holds the i-th position of the order, which RoPE rotates it by")
     for name, values in (("slot", range(L)), ("position", order), ("token", [letters[x[p]] for p in order])):
         print(f"  {name:8s}  " + " ".join(f"{v:>2}" for v in values) + "\n" * (name == "token"))
     print("call  phase       k  decodes positions  feeds slots  n_cached  canvas after the call")
     for i, f in enumerate(model.feeds(plan)):
-        phase, decoded = "diffusion" if i < n_diffusion_calls else "sequential", " ".join(map(str, order[f.d:f.d + f.k]))
+        phase, decoded = "diffusion" if i < n_diffusion_calls else "sequential", " ".join(map(str, order[f.d:][:f.k]))
         print(f"{i + 1:4d}  {phase:10s}  {f.k}  {decoded:17s}  [{f.n_cached}, {f.d + f.k})       {f.n_cached:<8d}  "
               + "".join(letters[x[p]] if call[p] <= i + 1 else "_" for p in range(L)))
     z0 = "".join(letters[x[p]] if call[p] <= n_diffusion_calls else "_" for p in range(L))
-    print(f"\nz0 (the canvas the sequential phase starts from): {z0}\nx  (the sample):                                 "
-          f"{''.join(letters[t] for t in x)}")
+    print(f"\nz0 (the canvas the sequential phase starts from): {z0}\nx  (the sample):{' ' * 33}" + "".join(
+        letters[t] for t in x))
 
 
 cfg = configure(Settings, doc=__doc__)
@@ -116,10 +113,8 @@ device = resolve_device(cfg.device)
 try:
     model, ckpt = load_model(cfg.out_dir, cfg.init_from, device, cfg.ema, alpha0=cfg.alpha0)
     tokenizer = get_tokenizer(ckpt["dataset_meta"]["tokenizer"] if ckpt else "gpt2")
-except SettingError as e:
-    die(as_flag(e))
-except ValueError as e:  # DataError: GPT-2's BPE missing offline
-    die(e)
+except ValueError as e:  # a SettingError, or a DataError: GPT-2's BPE missing offline
+    die(as_flag(e) if isinstance(e, SettingError) else e)
 config = model.config
 source = f"{cfg.out_dir}/ckpt.pt: iter {ckpt['iter_num']}" if ckpt else cfg.init_from
 alpha0 = config.alpha0 if cfg.alpha0 is None else cfg.alpha0
@@ -132,14 +127,12 @@ if len(ids) > config.block_size:
 prompt = torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 generated = [i >= len(ids) or ids[i] == model.mask_id for i in range(config.block_size)]  # not given
 
-generator = torch.Generator(device=device).manual_seed(cfg.seed)
+generator, eot = torch.Generator(device=device).manual_seed(cfg.seed), tokenizer.eot_id
 amp, dtype = autocast(device, cfg.dtype)
 options = {k: getattr(cfg, k) for k in ("steps", "temperature", "top_p", "subcontext_len", "subcontext_shuffle",
                                         "adaptive", "kv_cache")}
-print(f"{source}, variant {config.variant}, L = {config.block_size}; sampling alpha0={alpha0}, "
-      f"steps={cfg.steps or config.block_size}, temperature={cfg.temperature}, top_p={cfg.top_p}, kv_cache="
-      f"{'default' if cfg.kv_cache is None else cfg.kv_cache}, {dtype}" + (f", adaptive={cfg.adaptive}" if cfg.adaptive
-      else f", subcontext_len={cfg.subcontext_len}{' shuffled' * cfg.subcontext_shuffle}" if cfg.subcontext_len else ""))
+print(f"{source}, variant {config.variant}, L = {config.block_size}; sampling alpha0={alpha0}, {dtype}, "
+      + ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, False, 0) or k == "kv_cache"))
 batch_size, texts, n_cut = cfg.batch_size or cfg.num_samples, [], 0
 for first in range(0, cfg.num_samples, batch_size):
     n, t0 = min(batch_size, cfg.num_samples - first), time.time()
@@ -154,7 +147,6 @@ for first in range(0, cfg.num_samples, batch_size):
     if cfg.show and first == 0:
         show(x[0].tolist(), call[0].tolist(), nfe, tokenizer)
     for i, row in enumerate(x.tolist()):
-        eot = tokenizer.eot_id
         kept = row[:row.index(eot, len(ids))] if cfg.cut_eot and eot in row[len(ids):] else row
         n_cut += len(kept) < len(row)
         texts.append(render(kept, generated, tokenizer))  # the given tokens drawn as glyphs: not words

@@ -41,9 +41,13 @@ def sharp_model(variant, dtype=torch.float64, vocab_size=V, block_size=L, seed=0
 def gen(model, seed, **kw):
     """(x, the logits of each call) of a seeded generate: the logits sample_tokens is handed, in float32 or wider."""
     device, logits, pick = model.wte.weight.device, [], esolm.sample_tokens
+
+    def spy(lg, *a):
+        logits.append(lg.to(torch.promote_types(lg.dtype, torch.float32)))
+        return pick(lg, *a)
+
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(esolm, "sample_tokens", lambda lg, *a: logits.append(lg.to(torch.promote_types(lg.dtype, torch.float32)))
-                  or pick(lg, *a))
+        m.setattr(esolm, "sample_tokens", spy)
         out = model.generate(generator=torch.Generator(device).manual_seed(seed), **kw)
     return out.x, logits
 

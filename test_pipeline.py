@@ -9,6 +9,7 @@ The gpt2 test needs tiktoken's r50k_base BPE: from the network, or from the fold
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -340,6 +341,29 @@ def test_train_then_sample_with_a_prompt(tiny_data, trained):
     assert sample.startswith("To ") and " or" in sample and re.search(r"NFE [12],", p.stdout)
 
 
+def test_ema_decay_has_the_official_warm_up():
+    """decay_n = min(ema, (1 + n) / (10 + n)) at update n = 1, 2, ...: exact values."""
+    from runtime import ema_decay
+    assert ema_decay(0.9999, 1) == 2 / 11 and ema_decay(0.1, 1) == 0.1 and ema_decay(0.9, 80) == 0.9
+    assert ema_decay(0.9999, 90) == 91 / 100 and ema_decay(0.5, 8) == 0.5 and ema_decay(0.99, 0) == 0.1
+
+
+def test_one_ema_update_end_to_end(tiny_data):
+    """One training step with --ema: the checkpoint's EMA is init + (1 - d)(trained - init), d = decay(ema, 1)."""
+    runs = {}
+    for name, iters in (("init", 0), ("step", 1)):
+        out = tiny_data / f"out_ema_{name}"
+        run("train.py", "--dataset=tiny", f"--out_dir={out}", f"--max_iters={iters}", "--eval_interval=1",
+            "--ema=0.9", *TINY, cwd=tiny_data)
+        runs[name] = torch.load(out / "ckpt.pt", weights_only=True)
+    init, step = runs["init"]["model"], runs["step"]
+    d = min(0.9, 2 / 11)
+    assert any(not torch.equal(step["model"][k], init[k]) for k in init)  # the step moved the weights
+    for k in init:
+        want = init[k].double() + (1 - d) * (step["model"][k].double() - init[k].double())
+        torch.testing.assert_close(step["ema"][k].double(), want, atol=1e-6, rtol=1e-5)
+
+
 def test_ema_warm_up_follows_the_trained_weights(tiny_data):
     """--ema=0.9999, the paper's decay, on a 30-iteration run: with the warm-up decay min(ema, (1 + n) / (10 + n))
     the average ends far closer to the trained weights than to the random init (a constant 0.9999 would leave it
@@ -384,7 +408,7 @@ def test_mdlm_trains_and_samples(tiny_data, mdlm):
 def test_sample_with_the_structured_order(tiny_data, trained):
     p = run("sample.py", f"--out_dir={trained}", "--num_samples=2", "--alpha0=1", "--subcontext_len=8",
             "--subcontext_shuffle", cwd=tiny_data)
-    assert "NFE 8," in p.stdout and "subcontext_len=8 shuffled" in p.stdout
+    assert "NFE 8," in p.stdout and "subcontext_len=8, subcontext_shuffle=True" in p.stdout
     p = run("sample.py", f"--out_dir={trained}", "--subcontext_len=5", cwd=tiny_data, ok=False)
     assert p.stderr.strip() == "sample.py: --subcontext_len=5: must divide L = 32 (0: the random order)"
 
@@ -689,7 +713,7 @@ def test_generative_nll_scores_the_first_end_of_text_and_not_the_others():
 
 
 def test_sample_and_evaluate_a_published_model_folder(tmp_path):
-    """--init_from with a folder in the paper's format (a tiny random one, written by dit_reference.py)."""
+    """--init_from with a folder in the paper's format (a tiny random one, written by conftest.py)."""
     try:
         get_tokenizer("gpt2")
     except DataError as e:
@@ -704,3 +728,181 @@ def test_sample_and_evaluate_a_published_model_folder(tmp_path):
     assert "--alpha0: needed for" in p.stderr and "Traceback" not in p.stderr
     p = run("sample.py", f"--init_from={tmp_path / 'nowhere'}", "--alpha0=1", cwd=tmp_path, ok=False)
     assert p.stderr.startswith("sample.py: --init_from=") and "Traceback" not in p.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The house: the configurator every script shares, the model's own alpha0, the README's Python example
+
+SCRIPTS = ["prepare_data.py", "train.py", "sample.py", "evaluate.py", "sweep.py", "bench.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_the_one_configurator(script, tmp_path):
+    """--help lists every setting with its default; a mistyped name is one line with a suggestion; a bool may be
+    given bare; no script imports another, and esolm.py imports nothing of the project."""
+    p = run(script, "--help", cwd=tmp_path)
+    settings = re.findall(r"^  --(\w+)=", p.stdout, re.M)
+    assert len(settings) >= 8 and "Settings (--key=value):" in p.stdout
+    p = run(script, f"--{settings[1]}x=1", cwd=tmp_path, ok=False)
+    assert p.stderr.strip() == f"{script}: unknown setting '{settings[1]}x'; did you mean '{settings[1]}'?"
+    with open(os.path.join(ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {s.removesuffix(".py") for s in SCRIPTS}, imported
+    assert "argparse" not in imported
+
+
+def test_esolm_imports_nothing_of_the_project():
+    project = {f.removesuffix(".py") for f in os.listdir(ROOT) if f.endswith(".py")}
+    with open(os.path.join(ROOT, "esolm.py")) as f:
+        tree = ast.parse(f.read())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names <= {"math", "collections", "dataclasses", "torch"} and not names & project, names
+
+
+def test_the_configurator_parses_by_type():
+    from typing import Optional  # noqa: F401  (X | None is what the scripts use)
+    from runtime import parse_args, setting
+
+    @dataclasses.dataclass
+    class S:
+        n: int = setting(1, "")
+        x: float = setting(0.5, "")
+        flag: bool = setting(False, "")
+        name: str = setting("a", "")
+        maybe: float | None = setting(None, "")
+        many: tuple[float, ...] = setting((), "")
+        words: tuple[str, ...] = setting((), "")
+
+    got = parse_args(S, ["--n=3", "--x=2", "--flag", "--name=1e3", "--maybe=None", "--many=1,0.25", "--words=a,b"])
+    assert got == {"n": 3, "x": 2.0, "flag": True, "name": "1e3", "maybe": None, "many": (1.0, 0.25),
+                   "words": ("a", "b")}
+    assert type(got["x"]) is float and parse_args(S, ["--flag=false", "--maybe=0.5"]) == {"flag": False, "maybe": 0.5}
+    for bad, message in (["--n=1.5", "--n=1.5: takes a int"], ["--flag=yes", "--flag=yes: takes a bool"],
+                         ["n=1", "expected --key=value"], ["--n", "--n needs a value"]):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            parse_args(S, [bad])
+
+
+def test_the_model_knows_its_alpha0(tiny_data, trained, tmp_path):
+    """train.py sets it; a checkpoint written before the model knew it takes its train_config's; a published model
+    says it in config.json or its name (...-alpha-0_25), else it must be given."""
+    from runtime import load_model
+    model, ckpt = load_model(trained)
+    assert model.config.alpha0 == ckpt["model_config"]["alpha0"] == ckpt["train_config"]["alpha0"] == 0.25
+    old = {**ckpt, "model_config": {k: v for k, v in ckpt["model_config"].items() if k != "alpha0"},
+           "train_config": {**ckpt["train_config"], "alpha0": 0.5}}
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "ckpt.pt")
+    assert load_model(tmp_path / "old")[0].config.alpha0 == 0.5
+    sd = official_state_dict()
+    for folder, meta, want in (("Eso-LM-B-alpha-0_25", None, 0.25), ("Eso-LM-B-alpha-1", None, 1.0),
+                               ("mine", {"mask_index": 11, "vocab_size": 12, "alpha0": 0.125}, 0.125)):
+        path = save_official(tmp_path / folder, sd, meta)
+        assert pretrained.from_pretrained(path, n_head=2).config.alpha0 == want
+    anonymous = save_official(tmp_path / "anonymous", sd)
+    with pytest.raises(ValueError, match="alpha0=None: needed for"):
+        pretrained.from_pretrained(anonymous, n_head=2)
+    assert pretrained.from_pretrained(anonymous, n_head=2, alpha0=0.5).config.alpha0 == 0.5
+
+
+def test_readme_from_python_runs(trained, tmp_path):
+    """The README's "From Python" example, run as it is printed, on a trained checkpoint in ./out."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        snippet = f.read().split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
+    p = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(snippet.strip().splitlines()) <= 15
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sudoku: the dataset, training on whole grids, solving as infilling
+
+@pytest.fixture(scope="module")
+def sudoku(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sudoku")
+    meta = data.build_sudoku(root / "data", n_train=1500, n_test=60, seed=3, workers=2)
+    return root, meta
+
+
+def test_sudoku_dataset(sudoku, tmp_path):
+    """Solved training grids from a randomized solver (all distinct and valid), held-out puzzles with a unique
+    solution that is never a training grid, givens in the stated range, one token per cell; the same dataset for
+    any number of workers."""
+    root, meta = sudoku
+    assert (meta["vocab_size"], meta["record_len"], meta["train_grids"], meta["test_puzzles"]) == (9, 81, 1500, 60)
+    train = np.concatenate([read_shard(root / "data" / "sudoku" / s) for s in meta["train_shards"]]).reshape(-1, 81)
+    puzzles, solutions = data.load_puzzles(root / "data", "sudoku")
+    assert data.valid_sudoku(train).all() and data.valid_sudoku(solutions).all()
+    assert len({g.tobytes() for g in train}) == 1500 and not {g.tobytes() for g in solutions.astype(np.uint16)} & {
+        g.tobytes() for g in train}
+    givens = (puzzles != 9).sum(1)
+    assert ((givens >= 30) & (givens <= 45)).all() and len(set(givens.tolist())) > 5
+    assert ((puzzles == 9) | (puzzles == solutions)).all()
+    assert all(data.count_solutions(np.where(p == 9, -1, p)) == 1 for p in puzzles[:20])
+    other = data.build_sudoku(tmp_path, n_train=1500, n_test=60, seed=3, workers=1)
+    assert all((tmp_path / "sudoku" / s).read_bytes() == (root / "data" / "sudoku" / s).read_bytes()
+               for s in other["train_shards"] + other["val_shards"] + other["puzzle_shards"])
+    swapped = solutions[:1].copy()
+    swapped[0, [2, 3]] = swapped[0, [3, 2]]  # two cells of a row, in different boxes: columns and boxes break
+    assert data.valid_sudoku(swapped).tolist() == [False]
+
+
+def test_sudoku_windows_are_whole_grids(sudoku):
+    root, _ = sudoku
+    windows = data.Windows(root / "data", "sudoku", "train", 81)
+    assert len(windows) == 1500 and data.valid_sudoku(windows.batch(np.arange(1500))).all()
+    with pytest.raises(DataError, match="block_size must be 81"):
+        data.Windows(root / "data", "sudoku", "train", 80)
+
+
+def test_sudoku_trains_and_is_solved_as_infilling(sudoku):
+    """train.py --dataset=sudoku (its preset: L = 81), then evaluate.py --sudoku: every order, the share solved with
+    its standard error, NFE and time, overall and per difficulty bin, in sudoku.json."""
+    root, _ = sudoku
+    out = root / "out"
+    p = run("train.py", "--dataset=sudoku", f"--data_dir={root / 'data'}", f"--out_dir={out}", "--alpha0=0.5",
+            "--max_iters=4", "--eval_interval=4", "--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=8",
+            "--device=cpu", cwd=root)
+    assert "preset for sudoku on the cpu" in p.stdout and "block_size': 81" in p.stdout.replace('"', "'")
+    p = run("evaluate.py", "--sudoku", f"--out_dir={out}", "--puzzles=20", "--alpha0s=0", "--steps=200", cwd=root)
+    cells = json.loads((out / "sudoku.json").read_text())["cells"]
+    assert {(c["alpha0"], c["order"]) for c in cells} == {(0.5, "random"), (0.5, "confidence"), (0.5, "margin"),
+                                                          (0.0, "left to right")}
+    for c in cells:
+        result = c["sudoku"]
+        assert result["all"]["n"] == 20 and 0 <= result["all"]["solved"] <= 1 and result["all"]["nfe"] > 0
+        assert sum(v["n"] for k, v in result.items() if k != "all") == 20
+    assert "margin" in p.stdout
+
+
+def test_sudoku_solved_means_valid_and_keeps_the_givens(sudoku, monkeypatch):
+    """solve_sudoku's rule on a model whose answers are known: the true solution (solved), the solution with two
+    cells of a row swapped (invalid), a valid grid that changes a given (not solved)."""
+    from esolm import Samples
+    from metrics import solve_sudoku
+    root, _ = sudoku
+    puzzles, solutions = data.load_puzzles(root / "data", "sudoku")
+    other = data.random_solution(np.random.default_rng(0)).astype(np.int64)
+
+    class Known(torch.nn.Module):
+        mask_id = 9
+        wte = torch.nn.Embedding(10, 1)
+
+        def generate(self, n, prompt, **kw):
+            rows = [next(i for i, q in enumerate(puzzles) if torch.equal(torch.from_numpy(q), p)) for p in prompt]
+            x = torch.from_numpy(solutions[rows]).clone()
+            for j, i in enumerate(rows):
+                if i % 3 == 1:
+                    x[j, [2, 3]] = x[j, [3, 2]]
+                elif i % 3 == 2:
+                    x[j] = torch.from_numpy(other)
+            return Samples(x, torch.zeros_like(x), 1)
+
+    result = solve_sudoku(Known(), root / "data", "sudoku", 30, 8, contextlib.nullcontext())
+    assert result["all"]["solved"] == pytest.approx(10 / 30) and result["all"]["n"] == 30

@@ -34,23 +34,22 @@ from runtime import (H100_BF16_FLOPS, autocast, build, checkpoint_config, die, e
 @dataclass
 class TrainConfig:
     # data and output
-    dataset: str = setting("shakespeare", "a folder of data_dir (prepare_data.py); shakespeare, sudoku build alone")
+    dataset: str = setting("shakespeare", "a folder of data_dir (prepare_data.py); shakespeare, sudoku: built alone")
     data_dir: str = setting("data", "where the datasets are")
     out_dir: str = setting("out", "ckpt.pt and log.jsonl go here", rule="writable")
     init_from: str = setting("scratch", '"scratch", "resume" (out_dir/ckpt.pt), or a published model (hub id, folder)')
     # the method
-    alpha0: float = setting(0.25, "what the model trains for: 1 = pure MDM, 0 = pure AR (resumed, published: its own)",
-                            rule="alpha0")
+    alpha0: float = setting(0.25, "what the model trains for: 1 = MDM, 0 = AR (resumed, published: its own)", "alpha0")
     batch_split: float = setting(0.5, "fraction of each batch that estimates the MDM term, the rest the AR term")
     variant: str = setting("B", '"B" (KV cache in both phases), "A" (bidirectional clean tokens), "MDLM" (baseline)')
-    loss_type: str = setting("elbo", "low_var: the unweighted MDM term (the paper's alpha0 = 1 runs)",
-                             choices=("elbo", "low_var"))
+    loss_type: str = setting("elbo", "low_var: an unweighted MDM term (paper, alpha0 = 1)", choices=("elbo", "low_var"))
     # model
     block_size: int = setting(256, "L, the sequence length")
     n_layer: int = setting(6, "transformer blocks")
     n_head: int = setting(6, "attention heads; n_embd / n_head must be even (RoPE)")
     n_embd: int = setting(384, "width")
     dropout: float = setting(0.1, "on the two residual branches of each block, as the paper's network")
+    pos_emb: bool = setting(False, "a learned absolute position embedding too (RoPE alone: the paper's network)")
     # optimisation (the paper: AdamW 3e-4, betas (0.9, 0.999), no weight decay, clip 1.0, constant LR after warmup)
     batch_size: int = setting(64, "sequences per micro-step and process", rule="count")
     gradient_accumulation_steps: int = setting(1, "micro-steps per iteration, over all processes", rule="count")
@@ -64,8 +63,7 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW", rule="fraction")
     beta2: float = setting(0.999, "AdamW", rule="fraction")
     grad_clip: float = setting(1.0, "clip the gradient's norm to this; 0: off", rule="off")
-    ema: float = setting(0.0, "EMA of the weights, warmed up as the official code (paper: 0.9999); 0: off",
-                         rule="fraction")
+    ema: float = setting(0.0, "EMA of the weights, the official warm-up (paper: 0.9999); 0: off", rule="fraction")
     # evaluation and logging
     eval_interval: int = setting(500, "evaluate and save a checkpoint every this many iterations", rule="count")
     eval_iters: int = setting(20, "batches per split, the same windows and noise every time", rule="count")
@@ -74,8 +72,7 @@ class TrainConfig:
     device: str = setting("auto", '"auto" (cuda if there is one), "cpu", "cuda", "cuda:1", ...', rule="device")
     dtype: str = setting("auto", '"auto" (bfloat16 on a GPU that has it, else float32), "bfloat16"', rule="dtype")
     compile: bool = setting(False, "torch.compile the transformer")
-    peak_flops: float = setting(H100_BF16_FLOPS, "dense bf16 peak FLOPs for MFU (default: H100 SXM); 0: no MFU",
-                                rule="off")
+    peak_flops: float = setting(H100_BF16_FLOPS, "dense bf16 peak for MFU (default: H100 SXM); 0: no MFU", "off")
     seed: int = setting(1337, "seed of every random draw (windows, masks, orders, t, dropout)", rule="seed")
 
     def __post_init__(self):
@@ -95,21 +92,21 @@ class TrainConfig:
         EsoLMConfig(**self.model_args())  # the model's own checks: sizes, dropout, variant, alpha0
 
     def model_args(self, vocab_size=256):
-        keys = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "variant", "alpha0")
+        keys = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "variant", "alpha0", "pos_emb")
         return {"vocab_size": vocab_size, **{k: getattr(self, k) for k in keys}}
 
 
-# Presets replace the defaults above (the command line still wins). Without a GPU: sized so that `python train.py
-# --alpha0=0.25` trains in under 6 minutes on 2 CPU cores (many small steps learn more per second than few big ones:
-# in tuning runs of about the same time, batch 8 x 3000 steps beat 32 x 700 and 16). Sudoku: docs/sudoku.md.
+# Presets replace the defaults above (the command line still wins): without a GPU, for `python train.py --alpha0=0.25`
+# in under 6 minutes on 2 CPU cores (docs/training.md); for Sudoku (docs/sudoku.md)
 CPU = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=8, learning_rate=1.5e-3,
            min_lr=1.5e-4, warmup_iters=100, max_iters=2800, eval_interval=1400, eval_iters=8, log_interval=100,
            peak_flops=0.0)
-PRESETS = {"cpu": CPU, "sudoku cpu": {**CPU, "block_size": 81, "batch_size": 32, "learning_rate": 2e-3, "min_lr": 2e-4,
-                                      "max_iters": 4000, "eval_interval": 1000},
-           "sudoku gpu": dict(block_size=81, n_layer=8, n_head=8, n_embd=512, dropout=0.0, batch_size=256,
-                              learning_rate=5e-4, min_lr=5e-5, warmup_iters=1000, max_iters=50_000, eval_interval=5000)}
-SHAPE = ("block_size", "n_layer", "n_head", "n_embd", "variant")  # a resumed run takes these from its checkpoint
+SUDOKU = dict(block_size=81, pos_emb=True, loss_type="low_var", dropout=0.0, peak_flops=0.0)
+PRESETS = {"cpu": CPU, "sudoku cpu": {**CPU, **SUDOKU, "batch_size": 32, "learning_rate": 2e-3, "min_lr": 2e-4,
+                                      "max_iters": 7000, "eval_interval": 1000},
+           "sudoku gpu": {**SUDOKU, "n_layer": 8, "n_head": 8, "n_embd": 512, "batch_size": 256, "learning_rate": 5e-4,
+                          "min_lr": 5e-5, "warmup_iters": 1000, "max_iters": 50_000, "eval_interval": 5000}}
+SHAPE = ("block_size", "n_layer", "n_head", "n_embd", "variant", "pos_emb")  # a resumed run keeps these
 
 # -----------------------------------------------------------------------------------------------------------
 # settings, built once: the defaults, a preset, the model a resumed run or a published model starts from, the command
@@ -131,8 +128,8 @@ except (ValueError, OSError) as e:
 start = checkpoint_config(ckpt) if ckpt else asdict(pretrained.config) if pretrained else {}
 for k in SHAPE:  # the model keeps its shape; a published model may train at another L
     if k in start and k in overrides and overrides[k] != start[k] and (resuming or k != "block_size"):
-        die(f"--{k}={overrides[k]}: differs from {'the checkpoint' if resuming else init_from}'s {start[k]} (the "
-            "model keeps its shape)")
+        die(f"--{k}={overrides[k]}: differs from {'the checkpoint' if resuming else init_from}'s {start[k]} "
+            "(the model keeps its shape)")
 shape = {k: start[k] for k in SHAPE + ("alpha0",) if k in start}
 cfg = build(TrainConfig, {**preset, **shape, **overrides})
 
@@ -165,7 +162,6 @@ def seed_for(*keys):  # every draw of iteration i of process r comes from seed_f
 
 
 EVAL = 1 << 31  # a "rank" no process has: evaluation draws its own fixed windows and noise
-
 # -----------------------------------------------------------------------------------------------------------
 # data: windows of block_size tokens from memory-mapped shards (data.Windows), drawn uniformly with replacement
 
@@ -191,12 +187,12 @@ def get_batch(split, rng):  # uniformly, with replacement
 
 
 # -----------------------------------------------------------------------------------------------------------
-# model: new, resumed from out_dir/ckpt.pt, or a published model to fine-tune
+# model and optimizer: new, resumed from out_dir/ckpt.pt, or a published model to fine-tune
 
 if start and start["vocab_size"] != meta["vocab_size"]:
-    hint = "" if resuming else " (published models need a dataset in GPT-2 tokens: prepare_data.py --tokenizer=gpt2)"
     die(f"--init_from={cfg.init_from}: the model's vocab_size {start['vocab_size']} differs from {cfg.dataset}'s "
-        f"{meta['vocab_size']}{hint}")
+        f"{meta['vocab_size']}" + " (published models need GPT-2 tokens: prepare_data.py --tokenizer=gpt2)"
+        * bool(pretrained))
 options = {k: start[k] for k in ("bias", "gelu") if k in start}  # a published model's biases and tanh GELU
 model_config = EsoLMConfig(**cfg.model_args(meta["vocab_size"]), **options)
 torch.manual_seed(cfg.seed)
@@ -207,12 +203,8 @@ ema_model = EsoLM(model_config).to(device).eval().requires_grad_(False) if cfg.e
 if ema_model:
     ema_model.load_state_dict(ckpt["ema"] if ckpt and ckpt["ema"] else model.state_dict())
 if master:
-    print(f"model: {num_params(model) / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, "
-          f"variant {model_config.variant}, alpha0 {model_config.alpha0}")
-
-# -----------------------------------------------------------------------------------------------------------
-# optimizer: AdamW, weight decay on matrices only
-
+    print(f"model: {num_params(model) / 1e6:.2f}M parameters, {model_config}")
+# the optimizer: AdamW, weight decay on matrices only
 params = [p for p in model.parameters() if p.requires_grad]
 groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
           {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -224,7 +216,7 @@ resumed_at = iter_num if ckpt else None  # the checkpoint was evaluated when it 
 ckpt = pretrained = None  # free the memory
 
 # -----------------------------------------------------------------------------------------------------------
-# compile, DDP
+# compile, DDP; evaluation: the NELBO per token at the model's alpha0, on fixed windows with fixed noise
 
 
 class Objective(torch.nn.Module):  # model.loss_terms as a forward pass: DDP syncs gradients through forward
@@ -244,9 +236,6 @@ objective = Objective(model)
 if ddp:
     objective = DDP(objective, device_ids=[local_rank] if device_type == "cuda" else None)
 
-# -----------------------------------------------------------------------------------------------------------
-# evaluation: NELBO per token at the model's alpha0 on fixed windows with fixed noise, so that evaluations compare
-
 
 @torch.no_grad()
 def evaluate(m):
@@ -264,13 +253,10 @@ flops_per_iter = loss_flops(model, cfg.batch_size, cfg.batch_split) * cfg.gradie
 tokens_per_iter = cfg.batch_size * L * cfg.gradient_accumulation_steps  # all processes together
 
 
-def get_lr(it):
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    if cfg.lr_schedule == "constant":
-        return cfg.learning_rate
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    progress = min(1.0, (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters))
+def get_lr(it):  # a linear warmup, then constant, or a cosine to min_lr at lr_decay_iters (0: max_iters)
+    if it < cfg.warmup_iters or cfg.lr_schedule == "constant":
+        return cfg.learning_rate * min(1, (it + 1) / max(1, cfg.warmup_iters))
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, (cfg.lr_decay_iters or cfg.max_iters) - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -302,13 +288,14 @@ while True:
         losses = evaluate(ema_model or model)
         if master:
             bpb = f", {losses['val'] / math.log(2):.3f} bits/byte" if meta["tokenizer"] == "bytes" else ""
-            report(f"iter {iter_num}: val NELBO {losses['val']:.4f} nats/token (ppl {math.exp(losses['val']):.2f}{bpb}), "
-                   f"train {losses['train']:.4f}", {"iter": iter_num, **losses, "seconds": time.time() - t_start})
+            report(f"iter {iter_num}: val NELBO {losses['val']:.4f} nats/token (ppl {math.exp(losses['val']):.2f}"
+                   f"{bpb}), train {losses['train']:.4f}", {"iter": iter_num, **losses,
+                                                              "seconds": time.time() - t_start})
             if not math.isfinite(losses["val"]):
                 die(f"validation NELBO is {losses['val']} at iteration {iter_num}; {ckpt_path} left as it was")
             best_val = min(best_val, losses["val"])
-            save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema_model.state_dict() if ema_model else None,
-                            optimizer=optimizer.state_dict(), iter_num=iter_num, best_val_loss=best_val,
+            save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema_model and ema_model.state_dict(),
+                            iter_num=iter_num, optimizer=optimizer.state_dict(), best_val_loss=best_val,
                             model_config=asdict(model_config), train_config=asdict(cfg), dataset_meta=meta,
                             rng={"seed": cfg.seed, "scheme": "seed_for"})
         t_last += time.time() - t_eval  # ms/iter counts training only
@@ -332,10 +319,10 @@ while True:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema_model:  # update n = iter_num + 1, counted from the iteration: a resumed run repeats it
-        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - ema_decay(cfg.ema, iter_num + 1))
+        decay = ema_decay(cfg.ema, iter_num + 1)
+        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
     nonfinite |= ~torch.isfinite(terms.sum())
-    iter_num += 1
-    iters_since += 1
+    iter_num, iters_since = iter_num + 1, iters_since + 1
     bar.update(1)
     if compile_note:  # once: the first step is where torch.compile does its work
         bar.write(f"iteration {iter_num}: {time.time() - t_last:.1f} s, torch.compile compiled the model in it")
@@ -350,8 +337,8 @@ while True:
             report(f"iter {iter_num}: loss {mdm + ar:.4f} (MDM {mdm:.4f} + AR {ar:.4f}), lr {lr:.2e}, grad norm "
                    f"{grad_norm.item():.3f}, {dt * 1000:.0f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s"
                    + (f", MFU {mfu:.1%}" if mfu else ""), {"iter": iter_num, "loss": mdm + ar, "mdm": mdm, "ar": ar,
-                   "lr": lr, "grad_norm": grad_norm.item(), "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt,
-                   "mfu": mfu})
+                   "lr": lr, "grad_norm": grad_norm.item(), "ms_per_iter": dt * 1000,
+                   "tokens_per_s": tokens_per_iter / dt, "mfu": mfu})
         t_last, iters_since = time.time(), 0
 
 bar.close()

@@ -168,9 +168,11 @@ if "official" not in args.skip:
     os.makedirs(path("official-alpha-1"), exist_ok=True)
     write_safetensors(path("official-alpha-1/model.safetensors"), sd)
     with open(path("official-alpha-1/config.json"), "w") as f:
-        json.dump({"mask_index": V, "vocab_size": V + 1, "n_blocks": n_layer, "n_heads": n_head, "model_length": 1024}, f)
+        json.dump({"mask_index": V, "vocab_size": V + 1, "n_blocks": n_layer, "n_heads": n_head,
+                   "model_length": 1024}, f)
     run("bench_official", [py, "bench.py", f"--device={device}", f"--init_from={path('official-alpha-1')}",
-                           "--throughput", "--lengths=" + ("64" if args.smoke else "1024"), "--repeats=1", "--rows=MDLM,B,AR",
+                           "--throughput", "--lengths=" + ("64" if args.smoke else "1024"), "--repeats=1",
+                           "--rows=MDLM,B,AR",
                            "--uncached_calls=4" if args.smoke else "--uncached_calls=16",
                            f"--json={path('bench_official.json')}"], json_out=path("bench_official.json"))
 

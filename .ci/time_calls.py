@@ -53,7 +53,8 @@ def ms_per_call(model, kv_cache, compile=False, calls=None):
     def loop():
         zs = torch.full_like(plan.order, model.mask_id)
         with amp, torch.no_grad():
-            model.decode(zs, part, lambda logits: model.mask_id, kv_cache, static_cache.StaticCalls if compile else None)
+            model.decode(zs, part, lambda logits: model.mask_id, kv_cache,
+                         static_cache.StaticCalls if compile else None)
 
     loop()
     times = []
