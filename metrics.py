@@ -143,7 +143,7 @@ def solve_sudoku(model, data_dir, dataset, n, batch_size, amp, seed=0, bins=((30
     generate, so the puzzles are grouped by their number of givens. A puzzle is solved when its completed grid is a
     valid Sudoku and keeps every given. Returns {"all": {solved, se, n, nfe, seconds}, "givens a-b": ...}: the share
     solved with its standard error, the mean NFE, and the wall seconds of all batches."""
-    puzzles, solutions = (torch.from_numpy(a[:n]) for a in load_puzzles(data_dir, dataset))
+    puzzles = torch.from_numpy(load_puzzles(data_dir, dataset)[0][:n])  # unique solutions: solved = valid + givens
     device = model.wte.weight.device
     n_givens = (puzzles != model.mask_id).sum(1)
     solved, nfe, seconds = torch.zeros(len(puzzles), dtype=torch.bool), torch.zeros(len(puzzles)), {}

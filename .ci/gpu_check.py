@@ -12,7 +12,8 @@ Steps, each logged to <out>/log.txt, all results in <out>/gpu_check.json (--skip
    at most 1 ms), and the whole loop through it;
 2. throughput: bench.py --throughput at L = 1024 and 2048, the paper's batch sizes: AR, MDLM, Eso-LM (B) and (A),
    BD3-LM's cost model; then compiled at L = 2048 and batch 8 (target: Eso-LM (B) within 2 s and at most 1.1x AR);
-   then L = 8192 (target: MDLM / Eso-LM (B) at least 65x);
+   the adaptive order's cost against the planned one at L = 1024; then L = 8192 (target: MDLM / Eso-LM (B) at least
+   65x);
 3. tests: the test suite's CUDA and bf16 tests (pytest -k "cuda or bf16");
 4. train: train.py with the GPU defaults for --iters iterations (ms/iter, tokens/s, MFU, the loss falling), again with
    TORCH_CUDNN_SDPA_PREFERRED=0, then torchrun --standalone --nproc_per_node=1 (NCCL); needs data/shakespeare
@@ -114,13 +115,17 @@ if "calls" not in args.skip:
 
 if "throughput" not in args.skip:
     bench = [py, "bench.py", f"--device={device}", "--throughput", *tiny]
+    planned = "--rows=AR,MDLM,B,A,BD3"  # the adaptive row costs what MDLM does: a step of its own, at one L
     small = ["--sample_batch=2", "--uncached_calls=4", "--repeats=1"] if args.smoke else ["--repeats=2"]
-    run("throughput", [*bench, "--lengths=" + ("64" if args.smoke else "1024,2048"), *small,
+    run("throughput", [*bench, planned, "--lengths=" + ("64" if args.smoke else "1024,2048"), *small,
                        f"--json={path('throughput.json')}"], json_out=path("throughput.json"))
     compiled = [*bench, "--compile", "--rows=AR,B", "--lengths=" + ("64" if args.smoke else "2048"),
                 f"--sample_batch={2 if args.smoke else 8}", f"--json={path('throughput_compiled.json')}"]
     run("throughput_compiled", compiled, json_out=path("throughput_compiled.json"))
-    run("throughput_8192", [*bench, "--lengths=" + ("128" if args.smoke else "8192"), "--repeats=1",
+    run("throughput_adaptive", [*bench, "--rows=B,adaptive", "--lengths=" + ("64" if args.smoke else "1024"),
+                                "--repeats=1", *small[:1], f"--json={path('throughput_adaptive.json')}"],
+        json_out=path("throughput_adaptive.json"))
+    run("throughput_8192", [*bench, planned, "--lengths=" + ("128" if args.smoke else "8192"), "--repeats=1",
                             "--uncached_calls=4" if args.smoke else "--uncached_calls=8", *small[:1],
                             f"--json={path('throughput_8192.json')}"], json_out=path("throughput_8192.json"))
 
