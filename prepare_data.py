@@ -33,7 +33,7 @@ from tqdm import tqdm
 from data import (TOKENIZERS, DataError, ShardWriter, build_sudoku, check_writable, dataset_folder, get_tokenizer,
                   shard_dtype)
 from esolm import SettingError, check
-from runtime import configure, die, need, setting
+from runtime import RUN_RULES, configure, die, need, setting
 
 
 @dataclass
@@ -62,8 +62,8 @@ class Settings:
             need(self, getattr(self, key) >= 1, key, "must be at least 1")
         need(self, self.tokenizer in TOKENIZERS and self.tokenizer != "sudoku", "tokenizer",
              "unknown tokenizer; choose bytes or gpt2 (--sudoku builds the Sudoku dataset)")
-        need(self, self.name and "/" not in self.name and not self.name.startswith("."), "name", "must be a plain "
-             "folder name: not empty, no '/', not starting with '.' (without --name it is the first --input's name)")
+        need(self, RUN_RULES["folder"][0](self.name), "name", RUN_RULES["folder"][1] + " (without --name it is the "
+             "first --input's name)")
         need(self, len(self.givens) == 2 and 17 <= self.givens[0] <= self.givens[1] <= 81, "givens",
              "must be two numbers a,b with 17 <= a <= b <= 81")
         try:

@@ -17,7 +17,7 @@ import torch
 
 from data import DataError, check_writable
 from esolm import RULES, EsoLM, EsoLMConfig, SettingError, check, mdm_rows
-from pretrained import from_pretrained
+from pretrained import from_pretrained, is_published
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: the default denominator of MFU
 DTYPES = ("auto", "bfloat16", "float32")  # the --dtype of every script
@@ -28,6 +28,10 @@ RUN_RULES = {  # the rules that recur in the scripts' settings, beside esolm.RUL
     "off": (lambda x: x >= 0, "must be at least 0 (0: off)"),
     "fraction": (lambda x: 0 <= x < 1, "must be in [0, 1)"),
     "dtype": (lambda d: d in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+    "folder": (lambda n: bool(n) and "/" not in n and not n.startswith("."), "must be a plain folder name: not "
+               "empty, no '/', not starting with '.'"),
+    "init_from": (lambda s: s in ("scratch", "resume") or is_published(s), 'must be "scratch", "resume", or a '
+                  "published model: a hub id owner/name or a folder"),
     "device": (lambda d: resolve_device(d) and True, ""),  # resolve_device words its own errors
     "writable": (lambda folder: writable(folder), "")}
 
@@ -271,6 +275,17 @@ def loss_flops(model, B, batch_split=0.5):
     n_mdm = mdm_rows(B, alpha0, batch_split)
     fed = n_mdm * L + (B - n_mdm) * (2 - alpha0) * L
     return (6 * (num_params(model) - model.wte.weight.numel()) + 12 * model.config.n_layer * C * L) * fed
+
+
+class Objective(torch.nn.Module):
+    """model.loss_terms as a module's forward pass: DistributedDataParallel syncs gradients through forward."""
+
+    def __init__(self, model, batch_split, loss_type):
+        super().__init__()
+        self.model, self.args = model, (batch_split, loss_type)
+
+    def forward(self, x):
+        return self.model.loss_terms(x, *self.args)
 
 
 def ema_decay(ema, n):

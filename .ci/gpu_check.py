@@ -18,7 +18,7 @@ Steps, each logged to <out>/log.txt, all results in <out>/gpu_check.json (--skip
 4. train: train.py with the GPU defaults for --iters iterations (ms/iter, tokens/s, MFU, the loss falling), again with
    TORCH_CUDNN_SDPA_PREFERRED=0, then torchrun --standalone --nproc_per_node=1 (NCCL); needs data/shakespeare
    (python prepare_data.py, or a copied data/ folder);
-5. sample: sample.py from that checkpoint in float32: the cached sampler and --no-kv_cache print the same samples;
+5. sample: sample.py from that checkpoint in float32: the cached sampler and --kv_cache=False print the same samples;
 6. bench: bench.py's training step at L = 1024 (MFU);
 7. official: the paper's network through the published-checkpoint loader (a random checkpoint in the authors' format
    at the published size, from pretrained.official_shapes), bench.py --init_from --throughput at L = 1024;
