@@ -11,10 +11,10 @@ depend on them.
 Three modes; BENCHMARKS.md says which mode each number comes from.
 - default: whole sampling runs at one L (token sampling included), cached against uncached at T = L, L/4, L/16,
   and the training step (forward + backward of model.loss at alpha0 = 1, 0.25 and 0).
-- --lengths: whole sampling runs against L, NFE = L as in the paper's table: MDLM (its bidirectional forward, one
-  per call, no cache), Eso-LM (B) (alpha0 = 1, T = L), AR (alpha0 = 0 through the same cached sampler) and
-  Eso-LM (A) (alpha0 = 0.25). Medians of --repeats; the configurations alternate within each repeat, so that
-  drifts in machine speed hit all of them alike.
+- --lengths: whole sampling runs against L, T = L as in the paper's table (NFE = L for AR, about 0.63 L for MDLM and
+  Eso-LM (B)): MDLM (its bidirectional forward, one per call, no cache), Eso-LM (B) (alpha0 = 1), AR (alpha0 = 0
+  through the same cached sampler) and Eso-LM (A) (alpha0 = 0.25). Medians of --repeats; the configurations
+  alternate within each repeat, so that drifts in machine speed hit all of them alike.
 - --throughput: as the official code's profile_throughput: the schedule and orders are drawn before the timer, the
   timer covers only the loop of network calls (each with its output layer) between two device synchronizations,
   token sampling is skipped, and the first batch is a warm-up, left out. The rows: AR, MDLM, Eso-LM (B), Eso-LM (A),
@@ -68,8 +68,8 @@ class Settings:
     rows: tuple[str, ...] = setting(ROWS, "--throughput: the rows to time (adaptive: Eso-LM (B) in the confidence "
                                     "order, every mask left fed and scored at each call)")
     peak_flops: float = setting(H100_BF16_FLOPS, "for MFU on CUDA (default: H100 SXM)")
-    skip_sampling: bool = setting(False, "")
-    skip_training: bool = setting(False, "")
+    skip_sampling: bool = setting(False, "default mode: leave out the whole sampling runs")
+    skip_training: bool = setting(False, "default mode: leave out the training step")
     json: str = setting("", "also write the results to this file")
     png: str = setting("", "--lengths: draw the speedups against L (needs matplotlib)")
 
@@ -252,7 +252,7 @@ if args.throughput:
     results["throughput"] = rows
 
 # -----------------------------------------------------------------------------------------------------------
-# --lengths: whole sampling runs against L, NFE = L (alpha0 = 1, T = L for MDLM and Eso-LM (B))
+# --lengths: whole sampling runs against L, T = L (alpha0 = 1 for MDLM and Eso-LM (B): NFE about 0.63 L)
 
 if args.lengths and not args.throughput:
     rows = []

@@ -80,16 +80,15 @@ class KVCache(nn.Module):
 
     def __init__(self, B, n_head, size, head_size, dtype, device):
         super().__init__()
-        # zeros, not empty: a read of a never-written slot must be a finite number that the mask removes
+        # zeros, not empty: the static path (static_cache.py) reads every slot, and the mask removes finite numbers only
         self.register_buffer("k", torch.zeros(B, n_head, size, head_size, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros_like(self.k))
 
     def update(self, start, k, v):
         """Write the chunk (B, nh, n, hs) at slots [start, start+n); return the keys/values of slots [0, start+n)."""
-        n = k.size(2)
-        self.k[:, :, start:start + n] = k
-        self.v[:, :, start:start + n] = v
-        return self.k[:, :, :start + n], self.v[:, :, :start + n]
+        end = start + k.size(2)
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -200,11 +199,10 @@ def diffusion_mask(prefix, L, variant):
             m  1 1 1 .            m  1 1 1 .            m  1 1 1 1
             m  1 1 1 1            m  1 1 1 1            m  1 1 1 1
     """
-    i = torch.arange(L, device=prefix.device)
-    if variant == "MDLM":
-        return torch.ones(prefix.size(0), 1, L, L, dtype=torch.bool, device=prefix.device)
-    # prefix[:, None, None] (B, 1, 1) against the (L, L) rule: (B, L, L), then the head axis: (B, 1, L, L)
-    return visible(i, i, (prefix if variant == "A" else torch.zeros_like(prefix))[:, None, None]).unsqueeze(1)
+    i = torch.arange(L, device=prefix.device)  # the block that sees itself both ways: (B) none, MDLM all L tokens
+    block = {"A": prefix, "B": torch.zeros_like(prefix), "MDLM": torch.full_like(prefix, L)}[variant]
+    # block[:, None, None] (B, 1, 1) against the (L, L) rule: (B, L, L), then the head axis: (B, 1, L, L)
+    return visible(i, i, block[:, None, None]).unsqueeze(1)
 
 
 def sequential_mask(n_clean, M, L, variant):
@@ -239,7 +237,7 @@ def sequential_mask(n_clean, M, L, variant):
 # Noise schedule and the pieces of the NELBO
 
 def alpha_t(alpha0, t):
-    """alpha_t = alpha0 (1 - (1 - EPS) t), from alpha0 at t = 0 to alpha0 EPS at t = 1 ("log-linear" in sigma_t)."""
+    """alpha_t = alpha0 (1 - (1 - EPS) t): alpha0 at t = 0, alpha0 EPS at t = 1; linear in t ("log-linear" noise)."""
     return alpha0 * (1 - (1 - EPS) * t)
 
 
@@ -251,15 +249,12 @@ def mdm_weight(alpha0, t):
 def stratified_t(n, device, generator=None):
     """t for n rows, stratified as the official code draws it: row i is uniform in the i-th of n equal slices of
     [0, 1), mapped to [EPS, 1) (less variance than independent draws; t >= EPS keeps the MDM weight at most 1 / EPS)."""
-    u = (torch.rand(n, device=device, generator=generator) + torch.arange(n, device=device)) / n
-    return EPS + (1 - EPS) * u
+    return EPS + (1 - EPS) * (torch.rand(n, device=device, generator=generator) + torch.arange(n, device=device)) / n
 
 
 def mdm_rows(B, alpha0, batch_split):
     """How many of B rows (the first) estimate the MDM term in training, the rest the AR term; alpha0 0 or 1: 0 or B."""
-    if alpha0 == 0 or alpha0 == 1:
-        return B * int(alpha0)
-    return min(max(round(B * batch_split), 1), B - 1)
+    return B * int(alpha0) if alpha0 in (0, 1) else min(max(round(B * batch_split), 1), B - 1)
 
 
 def nll_per_row(logits, targets, sel):
@@ -288,7 +283,7 @@ def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
     """Tokens decoded per call of the diffusion phase, k_1..k_n, and the tokens left to the sequential phase. On
     T = steps even steps from t = 1 to 0, the step t -> s reveals Binomial(remaining, (alpha_s - alpha_t) / (1 -
     alpha_t)); drawing for each mask the step that reveals it (or none) has the same law in one draw. So T sets the
-    parallelism, about alpha0 n_gen / T tokens a call; steps that reveal nothing are dropped (no call)."""
+    parallelism, about alpha0 n_gen / T tokens a step; steps that reveal nothing are dropped (no call)."""
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
     p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step i), then P(sequential)
     step = torch.searchsorted(p.cumsum(0), torch.rand(n_gen, device=device, generator=generator, dtype=torch.float64),
@@ -298,19 +293,21 @@ def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
 
 
 def random_plan(to_gen, alpha0, steps, generator=None):
-    """The paper's default plan: per row, the given tokens, then the diffusion positions in a random order, then the
-    rest left to right; the binomial schedule over T = steps. to_gen (B, L): True where a token is to be generated."""
+    """The paper's default plan: per row, the given tokens (random, as z0's clean ones in training; at alpha0 = 0 left
+    to right, as an AR model reads), then the diffusion positions in a random order, then the rest left to right; the
+    binomial schedule over T = steps. to_gen (B, L): True where a token is to be generated."""
     (B, L), dev = to_gen.shape, to_gen.device
     ks, n_seq = reveal_schedule(int(to_gen[0].sum()), alpha0, steps, dev, generator)
-    order = (torch.rand(B, L, device=dev, generator=generator) + to_gen).argsort(1)  # given first, then random
+    key = torch.rand(B, L, device=dev, generator=generator)
+    order = (torch.where(to_gen | (alpha0 > 0), key, torch.arange(L, device=dev) / L) + to_gen).argsort(1)
     return Plan(torch.cat([order[:, :L - n_seq], order[:, L - n_seq:].sort(1).values], 1), ks + [1] * n_seq, n_seq)
 
 
 def subcontext_plan(to_gen, S, alpha0, shuffle, generator=None):
     """The paper's structured orders: L / S chunks of length S, and call j of the diffusion phase decodes offset j of
     every chunk (NFE = S at alpha0 = 1: each chunk left to right, all in parallel). With shuffle, the offsets in a
-    random order (shared by the batch) and each row's positions within a call too. Only the first floor(S alpha0)
-    calls follow the pattern, the rest is the sequential phase. Given tokens come first and leave their calls."""
+    random order (shared by the batch), each row's positions within a call too. Only the first floor(S alpha0) calls
+    follow the pattern, the rest is the sequential phase. Given tokens come first (as in random_plan), out of calls."""
     B, L = to_gen.shape
     dev, pos = to_gen.device, torch.arange(L, device=to_gen.device)
     n_pattern = math.floor(S * alpha0)
@@ -320,7 +317,8 @@ def subcontext_plan(to_gen, S, alpha0, shuffle, generator=None):
     diffusion = to_gen & (call < n_pattern)
     within = torch.rand(B, L, device=dev, generator=generator, dtype=torch.float64) if shuffle else pos.double() / L
     key = torch.where(diffusion, 1 + call + within, 1 + n_pattern + pos.double() / L)
-    order = torch.where(to_gen, key, torch.rand(B, L, device=dev, generator=generator, dtype=torch.float64)).argsort(1)
+    given = torch.rand(B, L, device=dev, generator=generator, dtype=torch.float64) if alpha0 else pos.double() / L
+    order = torch.where(to_gen, key, given).argsort(1)
     counts = torch.zeros(B, S, dtype=torch.long, device=dev).scatter_add_(1, call.expand(B, L), diffusion.long())
     check(bool((counts == counts[:1]).all()), "generate", "prompt", "(rows with different given positions)",
           "a subcontext order needs the same given positions in every row (the rows share the calls)")
@@ -343,14 +341,14 @@ def sample_tokens(logits, temperature, top_p, generator=None):
 
 def adaptive_score(logits, temperature, rule):
     """How sure the model is of each mask, (B, n) (Kim et al., 2025): "confidence" is the top probability, "margin"
-    the top minus the second, of softmax(logits / temperature) (0 scores as 1), before the nucleus filter."""
+    the top minus the second, of softmax(logits / temperature) (temperature 0: as 1), before the nucleus filter."""
     p = (logits.double() / (temperature or 1)).softmax(-1).topk(2, dim=-1).values  # (B, n, 2)
     return p[..., 0] - p[..., 1] if rule == "margin" else p[..., 0]
 
 
-# One network call: d tokens are decoded (given ones included); feed sorted indices [n_cached, d + n) (the cache holds
-# [0, n_cached)), decode k of the n masks at [d, d + n): all (n = k), or in an adaptive order the k best of every mask
-# left. prefix: (A)'s bidirectional clean block, (B): 0
+# One network call: d, the tokens decoded before it (given ones included); feed sorted indices [n_cached, d + n) (the
+# cache holds [0, n_cached)), decode k of the n masks at [d, d + n): all (n = k), or in an adaptive order the k best of
+# every mask left. prefix: (A)'s bidirectional clean block, (B): 0
 Feed = namedtuple("Feed", "n_cached d k n prefix")
 # What generate returns: x (B, L), the samples; calls (B, L), the call that decoded each position (0: given); nfe
 Samples = namedtuple("Samples", "x calls nfe")
@@ -394,7 +392,7 @@ class EsoLM(Transformer):
         sequence, both terms on every row. Generation goes all-masks -> z0 (diffusion) -> x (left to right), so
             -log p(x) <= AR term (-log p(x | z0), teacher-forced) + MDM term (MDLM's bound on z0, t in [0, 1]),
         up to the schedule's floor: alpha_1 = alpha0 EPS > 0, so it may sit below by about EPS x the cross-entropies."""
-        alpha0 = self._check_likelihood_args(x, alpha0)
+        alpha0 = check_likelihood_args(self, x, alpha0)
         t = stratified_t(x.size(0), x.device, generator)
         mdm_nll, _ = self._mdm_term(x, alpha0, t, generator)
         return self._ar_term(x, alpha0, generator) + mdm_weight(alpha0, t) * mdm_nll
@@ -455,7 +453,7 @@ class EsoLM(Transformer):
         sequential forward with every token masked: K = 1 is exact for one sampled order; over K orders it is an
         importance-weighted bound on -log p(x) that tightens with K. Orders follow the sampler's law, each row its own:
         diffusion positions (each with the probability p the schedule gives) first, in a random order, then the rest."""
-        alpha0 = self._check_likelihood_args(x, alpha0)
+        alpha0 = check_likelihood_args(self, x, alpha0)
         check(self.config.variant == "B", "exact_nll", "variant", self.config.variant,
               "exact_nll needs variant B: the clean tokens of (A) and MDLM see each other both ways")
         (B, L), no_clean = x.shape, torch.zeros(x.size(0), dtype=torch.long, device=x.device)
@@ -481,8 +479,8 @@ class EsoLM(Transformer):
         alpha0 = self.config.alpha0 if alpha0 is None else alpha0
         steps = self.config.block_size if steps is None else steps
         kv_cache = self.config.variant != "MDLM" if kv_cache is None else kv_cache
-        self._check_sampling_args(locals())
-        z = self._prompt_template(prompt, num_samples)  # (B, L), the mask id where a token is to be generated
+        check_sampling_args(self, locals())
+        z = prompt_canvas(self, prompt, num_samples)  # (B, L), the mask id where a token is to be generated
         to_gen = z == self.mask_id
         plan = (subcontext_plan(to_gen, subcontext_len, alpha0, subcontext_shuffle, generator) if subcontext_len
                 else random_plan(to_gen, alpha0, steps, generator))
@@ -513,7 +511,7 @@ class EsoLM(Transformer):
             feeds.append(Feed(n_cached, d, k, L - d if adaptive and d < c_switch else k, prefix))
             # n_cached is set for the NEXT call: the d tokens decoded before this one are final once it has run. In
             # the README's example call 2 is Feed(0, 2, 2, ..), feeding [0, 4); call 3 then caches [0, 2), feeds [2, 5)
-            n_cached = d if self.config.variant == "B" or d >= c_switch else 0  # the masks' slots are overwritten
+            n_cached = d if self.config.variant == "B" or d >= c_switch else 0  # not d + k: [d, d + k) held masks
             d += k
         return feeds
 
@@ -539,48 +537,16 @@ class EsoLM(Transformer):
                 return h[:, f.d - lo:]
         with sdpa_kernel(SAMPLER_ATTENTION):
             for j, f in enumerate(feeds):
-                if j == len(feeds) - plan.n_seq:  # the sequential phase: the masks left (all of [d, L)), left to right
-                    order[:, f.d:] = order[:, f.d:].sort(1).values
+                if j == len(feeds) - plan.n_seq:  # the sequential phase: the masks left, [d, L), left to right (a
+                    order[:, f.d:] = order[:, f.d:].sort(1).values  # planned order is already; an adaptive one is not)
                 logits = self.lm_head(call(f))  # (B, n, V) in the compute dtype; sample_tokens upcasts to float64
-                if f.n > f.k:  # adaptive: rank the masks, the k best first, the others after them in their old order
+                if f.n > f.k:  # adaptive; each mask's new rank: i for the i-th best, k + its old index for the others
+                    best = score(logits).topk(f.k, dim=1).indices  # (B, k), best first
                     rank = torch.arange(f.n, device=zs.device).expand(B, f.n) + f.k
-                    best = score(logits).topk(f.k, dim=1).indices  # (B, k)
                     perm = rank.scatter(1, best, torch.arange(f.k, device=zs.device).expand(B, f.k)).argsort(1)
-                    order[:, f.d:f.d + f.n] = order[:, f.d:f.d + f.n].gather(1, perm)
+                    order[:, f.d:f.d + f.n] = order[:, f.d:f.d + f.n].gather(1, perm)  # the k best take the next slots
                     logits = logits.gather(1, perm[:, :f.k, None].expand(-1, -1, logits.size(-1)))
                 zs[:, f.d:f.d + f.k] = pick(logits)
-
-    def _prompt_template(self, prompt, B):
-        """(B, L) ids: the prompt padded with the mask id to length L; the mask id marks the positions to generate."""
-        L, V, dev = self.config.block_size, self.config.vocab_size, self.wte.weight.device
-        if prompt is None:
-            return torch.full((B, L), self.mask_id, device=dev)
-        check(torch.is_tensor(prompt) and prompt.dtype == torch.long and prompt.dim() in (1, 2) and prompt.size(-1) <= L
-              and (prompt.dim() == 1 or prompt.size(0) == B), "generate", "prompt", getattr(prompt, "shape", prompt),
-              f"must be a LongTensor (P,) or ({B}, P) with P <= {L}")
-        check(not prompt.numel() or 0 <= prompt.min() <= prompt.max() <= V, "generate", "prompt", "...",
-              f"holds ids outside [0, {V}] (the mask id {V} marks a position to generate)")
-        z = F.pad(prompt.to(dev), (0, L - prompt.size(-1)), value=self.mask_id).expand(B, L).clone()
-        n_gen = (z == self.mask_id).sum(1)
-        check(bool((n_gen == n_gen[0]).all()), "generate", "prompt", "...", f"every row must leave the same number of "
-              f"positions to generate (the rows share one schedule), got {n_gen.tolist()}")
-        return z
-
-    def _check_likelihood_args(self, x, alpha0):  # the door of nelbo and exact_nll; returns alpha0 (None: the model's)
-        L, V = self.config.block_size, self.config.vocab_size
-        check(torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long, "nelbo", "x",
-              (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else x, f"must be a LongTensor of shape (B, {L})")
-        check(not x.numel() or 0 <= x.min() <= x.max() < V, "nelbo", "x", "...", f"holds ids outside [0, {V})")
-        return check_alpha0("nelbo", self.config.alpha0 if alpha0 is None else alpha0, self.config.variant)
-
-    def _check_sampling_args(self, a):  # generate's door: its arguments (a dict), by RULES and against the model
-        L, S = self.config.block_size, a["subcontext_len"]
-        for key in ("num_samples", "steps", "temperature", "top_p", "subcontext_len", "adaptive"):
-            check(RULES[key][0](a[key]), "generate", key, a[key], RULES[key][1])
-        check_alpha0("generate", a["alpha0"], self.config.variant)
-        check(S == 0 or L % S == 0, "generate", "subcontext_len", S, f"must divide L = {L} (0: the random order)")
-        check(not a["kv_cache"] or self.config.variant != "MDLM", "generate", "kv_cache", True, "MDLM has no KV cache: "
-              "its tokens attend both ways, so each new one changes every key and value (use kv_cache=False)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -623,3 +589,37 @@ def check_config(c):  # EsoLMConfig's door: the model's shape, variant and alpha
     for key, allowed in (("variant", VARIANTS), ("gelu", ("exact", "tanh"))):
         check(getattr(c, key) in allowed, "EsoLMConfig", key, getattr(c, key), f"must be one of {', '.join(allowed)}")
     check_alpha0("EsoLMConfig", c.alpha0, c.variant)
+
+
+def prompt_canvas(model, prompt, B):
+    """(B, L) ids: the prompt padded with the mask id to length L; the mask id marks the positions to generate."""
+    L, V, dev = model.config.block_size, model.config.vocab_size, model.wte.weight.device
+    prompt = torch.zeros(0, dtype=torch.long) if prompt is None else prompt  # no prompt: every position to generate
+    check(torch.is_tensor(prompt) and prompt.dtype == torch.long and prompt.dim() in (1, 2) and prompt.size(-1) <= L
+          and (prompt.dim() == 1 or prompt.size(0) == B), "generate", "prompt", getattr(prompt, "shape", prompt),
+          f"must be a LongTensor (P,) or ({B}, P) with P <= {L}")
+    check(not prompt.numel() or 0 <= prompt.min() <= prompt.max() <= V, "generate", "prompt", "...",
+          f"holds ids outside [0, {V}] (the mask id {V} marks a position to generate)")
+    z = F.pad(prompt.to(dev), (0, L - prompt.size(-1)), value=model.mask_id).expand(B, L).clone()
+    n_gen = (z == model.mask_id).sum(1)
+    check(bool((n_gen == n_gen[0]).all()), "generate", "prompt", "...", f"every row must leave the same number of "
+          f"positions to generate (the rows share one schedule), got {n_gen.tolist()}")
+    return z
+
+
+def check_likelihood_args(model, x, alpha0):  # the door of nelbo and exact_nll; returns alpha0 (None: the model's)
+    L, V = model.config.block_size, model.config.vocab_size
+    check(torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long, "nelbo", "x",
+          (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else x, f"must be a LongTensor of shape (B, {L})")
+    check(not x.numel() or 0 <= x.min() <= x.max() < V, "nelbo", "x", "...", f"holds ids outside [0, {V})")
+    return check_alpha0("nelbo", model.config.alpha0 if alpha0 is None else alpha0, model.config.variant)
+
+
+def check_sampling_args(model, a):  # generate's door: its arguments (a dict), by RULES and against the model
+    L, S = model.config.block_size, a["subcontext_len"]
+    for key in ("num_samples", "steps", "temperature", "top_p", "subcontext_len", "adaptive"):
+        check(RULES[key][0](a[key]), "generate", key, a[key], RULES[key][1])
+    check_alpha0("generate", a["alpha0"], model.config.variant)
+    check(S == 0 or L % S == 0, "generate", "subcontext_len", S, f"must divide L = {L} (0: the random order)")
+    check(not a["kv_cache"] or model.config.variant != "MDLM", "generate", "kv_cache", True, "MDLM has no KV cache: "
+          "its tokens attend both ways, so each new one changes every key and value (use kv_cache=False)")

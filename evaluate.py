@@ -5,7 +5,7 @@ cost), or Sudoku (the share of held-out puzzles solved).
     python evaluate.py --out_dir=out                                    # a checkpoint of train.py
     python evaluate.py --out_dir=out --orders=1,16 --windows=256 --alpha0=1
     python evaluate.py --init_from=sahoo-diffusion/Eso-LM-B-alpha-1 --dataset=owt   # a GPT-2 dataset
-    python evaluate.py --out_dir=out --grid --scorer=out_ar --alpha0s=1,0.25 --steps=16,64,128 \
+    python evaluate.py --out_dir=out --grid --scorer=out_ar --alpha0s=1,0.25 --steps=16,64,128 \\
         --grid_orders=random,subcontext,confidence --baselines=out_mdlm,out_ar     # the speed-quality grid
     python evaluate.py --sudoku --out_dir=out_b1 --baselines=out_mdlm,out_b05 --alpha0s=0   # Sudoku, every order
 

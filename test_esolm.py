@@ -725,6 +725,24 @@ def test_sampler_invariants(variant, prompt, alpha0, steps):
         assert n_seq == 0
 
 
+@pytest.mark.parametrize("prompt", ["prefix", "infill"])
+def test_alpha0_zero_reads_the_prompt_as_an_ar_model(prompt):
+    """At alpha0 = 0 the sampler is an AR model's: the given tokens left to right (the order an alpha0 = 0 model trains
+    on; a prefix prompt is then read as GPT reads it), then each mask left to right, predicted by a causal forward
+    over that order (the reference: one full forward per token)."""
+    model, p = sharp_model("B", alpha0=0.0), PROMPTS[prompt]
+    x, logits = gen(model, 0, num_samples=2, temperature=0, prompt=p)
+    canvas = torch.cat([p, torch.full((L - len(p),), V)]).expand(2, L).clone()
+    order = torch.cat([(canvas[0] != V).nonzero()[:, 0], (canvas[0] == V).nonzero()[:, 0]]).expand(2, L)
+    n_given = int((canvas[0] != V).sum())
+    assert len(logits) == L - n_given
+    for i, lg in enumerate(logits):
+        ref = model.lm_head(model(canvas.gather(1, order), order))[:, n_given + i]  # causal over the sorted order
+        torch.testing.assert_close(lg[:, 0], ref, rtol=0, atol=1e-10)
+        canvas[:, order[0, n_given + i]] = ref.argmax(-1)
+    assert torch.equal(x, canvas)
+
+
 def subcontext_calls(given, S, alpha0, offsets):
     """The call that decodes each position under the structured order, written from its statement (METHOD.md §8):
     call j (j < floor(S alpha0)) decodes offset offsets[j] of every length-S chunk; the other positions are decoded

@@ -544,7 +544,11 @@ BAD_BENCH = ["--repeats=0", "--n_head=5", "--sample_batch=0",
 BAD_EVALUATE = ["--windows=1", "--orders=0", "--alpha0=2",
                 "--dtype=float16", "--batch_size=0", "--seed=-1", "--out_dir=missing"]
 
-BAD = {"train.py": BAD_TRAIN, "sample.py": BAD_SAMPLE, "bench.py": BAD_BENCH, "evaluate.py": BAD_EVALUATE}
+BAD_SWEEP = ["--alpha0s=0.5,1.5", "--gen_alpha0s=-1", "--gen_steps=0", "--eval_windows=1", "--num_samples=1",
+             "--out=/proc/nope", "--device=tpu"]
+
+BAD = {"train.py": BAD_TRAIN, "sample.py": BAD_SAMPLE, "bench.py": BAD_BENCH, "evaluate.py": BAD_EVALUATE,
+       "sweep.py": BAD_SWEEP}
 
 
 @pytest.mark.parametrize("script,bad", [(script, bad) for script, rows in BAD.items() for bad in rows] + [
@@ -555,7 +559,8 @@ def test_bad_value_is_one_line_naming_the_setting(tiny_data, trained, tmp_path, 
     base = {"train.py": ["--dataset=tiny", f"--out_dir={out}", "--max_iters=2", "--eval_interval=1", *TINY],
             "sample.py": [f"--out_dir={trained}", "--num_samples=1", "--steps=2"],
             "bench.py": ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--repeats=1"],
-            "evaluate.py": [f"--out_dir={trained}", "--windows=4", "--plots=False"]}[script]
+            "evaluate.py": [f"--out_dir={trained}", "--windows=4", "--plots=False"],
+            "sweep.py": [f"--out={out}", "--train_args=--max_iters=1"]}[script]
     before = files(tiny_data)
     p = run(script, *base, *bad, cwd=tiny_data, ok=False)
     keys = [arg.split("=")[0] for arg in bad if arg.startswith("--")]  # a row of two: either may be named

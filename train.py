@@ -93,7 +93,7 @@ class TrainConfig:
 
 
 # Presets replace the defaults above (the command line still wins): without a GPU, for `python train.py --alpha0=0.25`
-# in under 6 minutes on 2 CPU cores (docs/training.md); for Sudoku (docs/sudoku.md)
+# in about 4 minutes on 2 CPU cores (docs/training.md); for Sudoku (docs/sudoku.md)
 CPU = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=8, learning_rate=1.5e-3,
            min_lr=1.5e-4, warmup_iters=100, max_iters=2800, eval_interval=1400, eval_iters=8, log_interval=100,
            peak_flops=0.0)
