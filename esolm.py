@@ -181,7 +181,7 @@ class Transformer(nn.Module):
 
 def visible(q, j, prefix):
     """Causal over the sorted order, but the first `prefix` tokens ((A)'s clean block; (B): 0) see each other both ways:
-    the diffusion masks, the x-stream and every sampler call. q, j: sorted indices (nq,), (nk,); prefix: a number."""
+    the diffusion masks, the x-stream, every sampler call. q, j: sorted indices (nq,), (nk,); prefix: int, (B, 1, 1)."""
     return (j <= q[:, None]) | (j < prefix)  # (nq, nk), or (B, nq, nk) with a per-row prefix (B, 1, 1)
 
 
@@ -189,9 +189,8 @@ def diffusion_mask(prefix, L, variant):
     """(B, 1, L, L) mask of the L-token diffusion forward over z_t: clean tokens first, then masks. prefix (B,): the
     clean tokens of (A) that see each other both ways (in training all of them; in sampling see EsoLM.feeds).
 
-    (B): plain causal: a clean token sees only the clean tokens before it in the (random) order, which is why its
-    keys/values can be cached. (A): the clean block is bidirectional; masks see every clean token and the masks
-    before them. MDLM sees everything. L = 4, prefix = 2 (c = clean, m = mask, 1 = may attend):
+    (B): causal, so a clean token sees only the clean tokens before it in the order: its keys/values can be cached.
+    (A): the clean block is bidirectional. MDLM sees everything. L = 4, prefix = 2 (c: clean, m: mask, 1: may attend):
 
         (B)    c c m m        (A)    c c m m        MDLM   c c m m
             c  1 . . .            c  1 1 . .            c  1 1 1 1
@@ -254,6 +253,7 @@ def stratified_t(n, device, generator=None):
 
 def mdm_rows(B, alpha0, batch_split):
     """How many of B rows (the first) estimate the MDM term in training, the rest the AR term; alpha0 0 or 1: 0 or B."""
+    check(alpha0 in (0, 1) or B >= 2, "loss", "x", f"{B} row", "0 < alpha0 < 1 needs 2 rows or more: one for each term")
     return B * int(alpha0) if alpha0 in (0, 1) else min(max(round(B * batch_split), 1), B - 1)
 
 
@@ -350,8 +350,8 @@ def adaptive_score(logits, temperature, rule):
 # cache holds [0, n_cached)), decode k of the n masks at [d, d + n): all (n = k), or in an adaptive order the k best of
 # every mask left. prefix: (A)'s bidirectional clean block, (B): 0
 Feed = namedtuple("Feed", "n_cached d k n prefix")
-# What generate returns: x (B, L), the samples; calls (B, L), the call that decoded each position (0: given); nfe
-Samples = namedtuple("Samples", "x calls nfe")
+# What generate returns: x (B, L), the samples; decoded_by (B, L), the call that decoded each position (0: given); nfe
+Samples = namedtuple("Samples", "x decoded_by nfe")
 
 
 # cuDNN attention builds an execution plan for every new shape, and a cached call's shapes change at every call
@@ -392,13 +392,13 @@ class EsoLM(Transformer):
         sequence, both terms on every row. Generation goes all-masks -> z0 (diffusion) -> x (left to right), so
             -log p(x) <= AR term (-log p(x | z0), teacher-forced) + MDM term (MDLM's bound on z0, t in [0, 1]),
         up to the schedule's floor: alpha_1 = alpha0 EPS > 0, so it may sit below by about EPS x the cross-entropies."""
-        alpha0 = check_likelihood_args(self, x, alpha0)
+        alpha0 = check_likelihood_args(self, x, alpha0, "nelbo")
         t = stratified_t(x.size(0), x.device, generator)
         mdm_nll, _ = self._mdm_term(x, alpha0, t, generator)
         return self._ar_term(x, alpha0, generator) + mdm_weight(alpha0, t) * mdm_nll
 
     def loss(self, x, batch_split=0.5, loss_type="elbo"):
-        """Training objective at the model's alpha0, a per-token NELBO estimate: the sum of the two `loss_terms`."""
+        """Training objective at the model's alpha0: the sum of the two `loss_terms` ("elbo": the NELBO per token)."""
         return sum(self.loss_terms(x, batch_split, loss_type))
 
     def loss_terms(self, x, batch_split=0.5, loss_type="elbo"):
@@ -453,7 +453,7 @@ class EsoLM(Transformer):
         sequential forward with every token masked: K = 1 is exact for one sampled order; over K orders it is an
         importance-weighted bound on -log p(x) that tightens with K. Orders follow the sampler's law, each row its own:
         diffusion positions (each with the probability p the schedule gives) first, in a random order, then the rest."""
-        alpha0 = check_likelihood_args(self, x, alpha0)
+        alpha0 = check_likelihood_args(self, x, alpha0, "exact_nll")
         check(self.config.variant == "B", "exact_nll", "variant", self.config.variant,
               "exact_nll needs variant B: the clean tokens of (A) and MDLM see each other both ways")
         (B, L), no_clean = x.shape, torch.zeros(x.size(0), dtype=torch.long, device=x.device)
@@ -503,7 +503,7 @@ class EsoLM(Transformer):
         clean, so are they, for good: its keys/values are final, computed once. A call feeds what the cache lacks, the
         tokens the last call decoded (now clean) and the masks to decode now (adaptive: every mask left, all after the
         clean tokens). (A)'s clean tokens see each other both ways, so its diffusion phase keeps nothing; at the switch
-        to the sequential phase its clean block freezes and (A) caches like (B)."""
+        to the sequential phase (c_switch tokens clean) its clean block freezes and (A) caches like (B)."""
         L = self.config.block_size
         d, c_switch, n_cached, feeds = L - sum(plan.ks), L - plan.n_seq, 0, []  # d: decoded so far, given included
         for k in plan.ks:
@@ -550,8 +550,8 @@ class EsoLM(Transformer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Argument checks: each door of the library checks what comes through it, once; a script words a SettingError
-# as the flag it came from (sample.py: --top_p=2: ...), the library as the argument (generate: top_p=2: ...)
+# Argument checks (and generate's prompt canvas): each door of the library checks what comes through it, once; a
+# script words a SettingError as the flag it came from (sample.py: --top_p=2: ...), the library as the argument
 
 class SettingError(ValueError):
     def __init__(self, where, key, value, rule):
@@ -607,12 +607,12 @@ def prompt_canvas(model, prompt, B):
     return z
 
 
-def check_likelihood_args(model, x, alpha0):  # the door of nelbo and exact_nll; returns alpha0 (None: the model's)
+def check_likelihood_args(model, x, alpha0, where):  # the door of nelbo and exact_nll; returns alpha0 (None: model's)
     L, V = model.config.block_size, model.config.vocab_size
-    check(torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long, "nelbo", "x",
+    check(torch.is_tensor(x) and x.dim() == 2 and x.size(1) == L and x.dtype == torch.long, where, "x",
           (x.dtype, tuple(x.shape)) if torch.is_tensor(x) else x, f"must be a LongTensor of shape (B, {L})")
-    check(not x.numel() or 0 <= x.min() <= x.max() < V, "nelbo", "x", "...", f"holds ids outside [0, {V})")
-    return check_alpha0("nelbo", model.config.alpha0 if alpha0 is None else alpha0, model.config.variant)
+    check(not x.numel() or 0 <= x.min() <= x.max() < V, where, "x", "...", f"holds ids outside [0, {V})")
+    return check_alpha0(where, model.config.alpha0 if alpha0 is None else alpha0, model.config.variant)
 
 
 def check_sampling_args(model, a):  # generate's door: its arguments (a dict), by RULES and against the model

@@ -160,7 +160,8 @@ def plot_decoding(model, png, plt, alpha0s=(1.0, 0.25, 0.0), seed=0):
     L = model.config.block_size
     fig, axes = plt.subplots(1, len(alpha0s), figsize=(4 * len(alpha0s), 3.6), sharey=True)
     for ax, alpha0 in zip(np.atleast_1d(axes), alpha0s):
-        call = model.generate(1, alpha0, generator=torch.Generator(model.wte.weight.device).manual_seed(seed)).calls
+        g = torch.Generator(model.wte.weight.device).manual_seed(seed)
+        call = model.generate(1, alpha0, generator=g).decoded_by
         ax.scatter(np.arange(L), call[0].cpu().numpy(), s=4)
         ax.set(title=f"alpha0 = {alpha0:g}: {int(call.max())} calls", xlabel="position in the sequence")
     np.atleast_1d(axes)[0].set_ylabel("network call that decoded it")

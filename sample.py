@@ -85,8 +85,8 @@ def explain(L=8, alpha0=0.5, steps=4, seed=16):
     out = model.generate(1, steps=steps, generator=torch.Generator().manual_seed(seed))
     # the plan generate drew first from the same generator: the order, the tokens per call, the sequential calls
     plan = random_plan(torch.ones(1, L, dtype=torch.bool), alpha0, steps, torch.Generator().manual_seed(seed))
-    order, x, call, n_diffusion = plan.order[0].tolist(), out.x[0].tolist(), out.calls[0].tolist(), L - plan.n_seq
-    n_diffusion_calls = len(plan.ks) - plan.n_seq
+    order, x, call = plan.order[0].tolist(), out.x[0].tolist(), out.decoded_by[0].tolist()
+    n_diffusion, n_diffusion_calls = L - plan.n_seq, len(plan.ks) - plan.n_seq
     print(f"Eso-LM (B), L = {L}, alpha0 = {alpha0}, T = {steps} diffusion steps, a tiny random model (seed {seed})\n\n"
           f"generation order: positions {' '.join(map(str, order[:n_diffusion]))} | "
           f"{' '.join(map(str, order[n_diffusion:]))}\n  the diffusion phase decodes {n_diffusion} positions in a "

@@ -167,18 +167,18 @@ def test_adaptive_mdlm_decodes_the_top_k_of_a_full_forward(rule, prompt):
     out = model.generate(3, 1.0, 5, prompt=p, adaptive=rule, generator=torch.Generator().manual_seed(2))
     template = torch.full((L,), V) if p is None else torch.cat([p, torch.full((L - len(p),), V)])
     assert torch.equal(out.x[:, template != V], template[template != V].expand(3, -1)) and (out.x < V).all()
-    assert out.calls.max() == out.nfe and out.nfe >= 2
+    assert out.decoded_by.max() == out.nfe and out.nfe >= 2
     pos = torch.arange(L).expand(3, L)
     for c in range(1, out.nfe + 1):
-        canvas = torch.where(out.calls < c, out.x, model.mask_id)
+        canvas = torch.where(out.decoded_by < c, out.x, model.mask_id)
         with torch.no_grad():
             score = independent_score(model.lm_head(model(canvas, pos)), rule)
         score = score.masked_fill(canvas != model.mask_id, -1)  # only the masks compete
-        k = int((out.calls[0] == c).sum())
+        k = int((out.decoded_by[0] == c).sum())
         top = score.sort(1, descending=True).values
         assert (top[:, k - 1] - top[:, k] > 1e-9).all() or k == int((canvas[0] == model.mask_id).sum())  # no tie
         for b in range(3):
-            assert set(score[b].topk(k).indices.tolist()) == set((out.calls[b] == c).nonzero().flatten().tolist())
+            assert set(score[b].topk(k).indices.tolist()) == set((out.decoded_by[b] == c).nonzero()[:, 0].tolist())
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "MDLM"])
@@ -197,7 +197,7 @@ def test_adaptive_keeps_the_given_tokens_and_the_schedule(variant, alpha0):
     assert [t.size(1) for t in logits] == k + [1] * n_seq
     out = model.generate(4, alpha0, 4, prompt=p, adaptive="margin", generator=torch.Generator().manual_seed(3))
     first_seq = len(k) + 1  # the sequential calls decode the positions left after the diffusion phase, left to right
-    for row in out.calls.tolist():
+    for row in out.decoded_by.tolist():
         seq = [i for i in range(L) if row[i] >= first_seq]
         assert [row[i] for i in seq] == list(range(first_seq, first_seq + n_seq))
 
@@ -774,11 +774,11 @@ def test_subcontext_order_is_the_papers_construction(L_, S, alpha0, shuffle, pro
                          generator=torch.Generator().manual_seed(0))
     offsets = list(range(S))
     if shuffle:  # the offset of each call, read off the first row: one offset per call, shared by every row
-        row = out.calls[0].tolist()
+        row = out.decoded_by[0].tolist()
         offsets = [next((q % S for q in range(L_) if row[q] == c and not given[q]), None) for c in range(1, S + 1)]
         offsets = [o for o in offsets if o is not None][:math.floor(S * alpha0)]
         offsets += [o for o in range(S) if o not in offsets]  # calls a prompt emptied (dropped) come last
-    for row in out.calls.tolist():
+    for row in out.decoded_by.tolist():
         assert row == subcontext_calls(given, S, alpha0, offsets)
     if p is None:
         n_pattern = math.floor(S * alpha0)
@@ -840,11 +840,12 @@ def test_generate_restores_training_mode():
 
 @pytest.mark.parametrize("call,match", [
     (lambda m, x: m.nelbo(x, -0.1), "nelbo: alpha0=-0.1: must be in"),
-    (lambda m, x: m.exact_nll(x, 1.5), "alpha0=1.5: must be in"),
+    (lambda m, x: m.exact_nll(x, 1.5), "exact_nll: alpha0=1.5: must be in"),
     (lambda m, x: m.nelbo(x[:, :-1], 0.5), "shape"),
     (lambda m, x: m.nelbo(x.float(), 0.5), "LongTensor"),
     (lambda m, x: m.nelbo(x.clamp(max=0) + V, 0.5), "outside"),
-    (lambda m, x: m.exact_nll(x - 100, 0.5), "outside"),
+    (lambda m, x: m.exact_nll(x - 100, 0.5), "exact_nll: x=...: holds ids outside"),
+    (lambda m, x: m.loss(x[:1]), "loss: x=1 row: 0 < alpha0 < 1 needs 2 rows or more"),
     (lambda m, x: m.generate(2, 0.5, 0), "generate: steps=0: must be"),
     (lambda m, x: m.generate(0, 0.5, 4), "num_samples"),
     (lambda m, x: m.generate(2, 2.0, 4), "alpha0"),
