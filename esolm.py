@@ -280,12 +280,12 @@ Plan = namedtuple("Plan", "order ks n_seq")
 
 
 def reveal_schedule(n_gen, alpha0, steps, device, generator=None):
-    """Tokens decoded per call of the diffusion phase, k_1..k_n, and the tokens left to the sequential phase. On
-    T = steps even steps from t = 1 to 0, the step t -> s reveals Binomial(remaining, (alpha_s - alpha_t) / (1 -
-    alpha_t)); drawing for each mask the step that reveals it (or none) has the same law in one draw. So T sets the
-    parallelism, about alpha0 n_gen / T tokens a step; steps that reveal nothing are dropped (no call)."""
-    a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))
-    p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])  # P(revealed at step i), then P(sequential)
+    """Tokens decoded per call of the diffusion phase, k_1..k_n, and the tokens left to the sequential phase. Each of
+    T = steps even steps t -> s reveals Binomial(remaining, (alpha_s - alpha_t) / (1 - alpha_t)); drawing for each
+    mask the step that reveals it (or none) has the same law. About alpha0 n_gen / T tokens a step; empty: no call."""
+    a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=device))  # (T + 1,), t = 1 .. 0
+    # for a mask at t = 1: P(revealed in step i) = (a[i+1] - a[i]) / (1 - a[0]), then P(still masked at t = 0)
+    p = torch.cat([a.diff(), (1 - a[-1:])]) / (1 - a[0])
     step = torch.searchsorted(p.cumsum(0), torch.rand(n_gen, device=device, generator=generator, dtype=torch.float64),
                               right=True).clamp(max=steps)
     k = torch.bincount(step, minlength=steps + 1).tolist()
