@@ -25,7 +25,7 @@ class Bytes:  # UTF-8 bytes; byte 0 (NUL), all but absent from text, ends a docu
         return list(text.replace("\0", "").encode())
 
     def decode(self, ids):
-        return bytes(ids).decode(errors="replace").replace("\0", "\n<|endoftext|>\n")
+        return bytes(list(ids)).decode(errors="replace").replace("\0", "\n<|endoftext|>\n")
 
 
 class GPT2:  # GPT-2's BPE: tiktoken's r50k_base has the same ids

@@ -135,7 +135,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx, pos, mask=None, slots=None, n_z=0, x_mask=None):
         """Hidden states (B, n, C) of tokens idx at positions pos (B, n), sorted. mask: bool (B or
-        1, 1, n, keys), True = may attend, None = causal (MDLM: all); slots (B, n): a cached call's."""
+        1, 1, n, keys), True = may attend, None = causal (MDLM: all); slots (B, n): cached calls."""
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(pos)
         dtype = self.compute_dtype()
         cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))
@@ -244,10 +244,7 @@ def adaptive_score(logits, temperature, rule):
 
 
 # --- The Eso-LM: its two forwards, the NELBO, the exact likelihood and the sampler --------------
-class EsoLM(Transformer):
-    """A masked position l is predicted by the mask token at l, not by its left neighbour as in GPT:
-    the layout is in any order, and only a query turned to position l can say which it predicts."""
-
+class EsoLM(Transformer):  # a mask predicts its own position (README: the masks), not the next
     def diffusion_forward(self, zs, order, prefix):  # over z_t, sorted; prefix (B,): (A)'s block
         mask = diffusion_mask(prefix, zs.size(1), "A") if self.config.variant == "A" else None
         return self(zs, order, mask)
@@ -344,10 +341,9 @@ class EsoLM(Transformer):
     def check_x(self, x, alpha0, where):  # the door of nelbo and exact_nll; returns alpha0
         L, V, c = self.config.block_size, self.config.vocab_size, self.config
         need(torch.is_tensor(x) and x.dtype == torch.long and x.dim() == 2 and x.size(1) == L and
-             (not x.numel() or 0 <= x.min() <= x.max() < V), f"{where}: x must be (B, {L}), ids<{V}")
+             (not x.numel() or 0 <= x.min() <= x.max() < V), f"{where}: x must be (B, {L}) ids<{V}")
         return check_alpha0(c.alpha0 if alpha0 is None else alpha0, c.variant, where)
 
-    # The sampler: generate checks its arguments and draws a plan; decode runs the calls
     @torch.no_grad()
     def generate(self, num_samples, alpha0=None, steps=None, *, prompt=None, plan=None,
                  temperature=1.0, top_p=1.0, adaptive=None, threshold=None, kv_cache=True,
@@ -355,15 +351,15 @@ class EsoLM(Transformer):
         """Sample num_samples sequences: Samples. alpha0: default the model's; steps: T (default L).
         prompt: ids (P,) or (B, P), P <= L; a mask id is a position to generate, any number a row.
         plan: instead of random_plan's. adaptive, "confidence" or "margin": each diffusion call
-        decodes the masks the model is surest of, as many as the plan says or all that score
-        threshold (one at least). kv_cache=False: the reference, a full forward a call. net: a
-        compiled model to run the cached calls. seed: row b draws from the stream seed + b."""
+        decodes the masks the model is surest of, as many as planned or all that score threshold
+        (one at least). kv_cache=False: the reference, a full forward a call. net: a compiled model
+        for the cached calls. seed: row b draws from its generator seeded seed + b, in any batch."""
         (L, V), variant = (self.config.block_size, self.config.vocab_size), self.config.variant
         alpha0 = check_alpha0(self.config.alpha0 if alpha0 is None else alpha0, variant, "generate")
         kv_cache = kv_cache and variant != "MDLM"  # MDLM has none: its tokens see each other
         p = torch.zeros(0, dtype=torch.long) if prompt is None else prompt
         for name, value, ok, rule in [
-                ("num_samples", num_samples, isinstance(num_samples, int) and num_samples > 0, ">0"),
+                ("num_samples", num_samples, type(num_samples) is int and num_samples > 0, "> 0"),
                 ("steps", steps, steps is None or isinstance(steps, int) and steps > 0, "> 0"),
                 ("temperature", temperature, temperature >= 0, ">= 0"),
                 ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
@@ -376,7 +372,6 @@ class EsoLM(Transformer):
             need(ok, f"generate: {name}={value!r} must be {rule}")
         z = F.pad(p.to(self.wte.weight.device), (0, L - p.size(-1)), value=self.mask_id)
         z = z.expand(num_samples, L).clone()  # the canvas: the mask id where a token is to come
-        # row b draws from its own generator, seeded seed + b: a row samples the same in any batch
         u = torch.stack([torch.rand(3, L, device=z.device, generator=torch.Generator(z.device)
                                     .manual_seed(seed + b)) for b in range(num_samples)], 1)
         plan = plan or random_plan(z == self.mask_id, alpha0, steps or L, u[:2])
@@ -402,7 +397,7 @@ class EsoLM(Transformer):
         switch = d + plan.ks.sum(1)  # where each row's sequential phase starts
         d_prev, calls, j = torch.zeros_like(d), torch.zeros_like(zs), 0
         shape, dtype = (B, c.n_head, L + 1, c.n_embd // c.n_head), self.compute_dtype()
-        for a in (block.attn for block in self.blocks if kv_cache):  # zeros: a mask hides finite numbers only
+        for a in (block.attn for block in self.blocks if kv_cache):  # zeros: masks hide finite only
             if a.k_cache is None or (a.k_cache.shape, a.k_cache.dtype) != (shape, dtype):
                 a.k_cache, a.v_cache = (torch.zeros(shape, dtype=dtype, device=dev) for _ in "kv")
         while True:

@@ -61,10 +61,10 @@ def explain(L=8, alpha0=0.5, steps=4, seed=17):
     letter = [chr(97 + i) for i in range(26)]
     print(f"Eso-LM (B), L = {L}, alpha0 = {alpha0}, T = {steps} diffusion steps, a tiny random model (seed {seed})"
           f"\n\ngeneration order: positions {' '.join(map(str, order[:sum(k)]))} | "
-          f"{' '.join(map(str, order[sum(k):]))}\n  the diffusion phase decodes {sum(k)} positions in a random "
-          f"order, in {n} calls: the T = {steps} steps but those that reveal nothing\n  then the sequential "
-          f"phase decodes the other {L - sum(k)}, left to right, one per call\nsorted layout: cache slot i holds "
-          "the i-th position of the order, which RoPE turns it by")
+          f"{' '.join(map(str, order[sum(k):]))}\n  the diffusion phase decodes {sum(k)} positions, in a random "
+          f"order, in {n} calls (steps that reveal nothing make none)\n  then the sequential phase decodes the "
+          f"other {L - sum(k)}, left to right, one a call\nsorted layout: cache slot i holds the i-th position "
+          "of the order, which RoPE turns it by")
     for name, values in (("slot", range(L)), ("position", order), ("token", [letter[x[p]] for p in order])):
         print(f"  {name:8s}  " + " ".join(f"{v:>2}" for v in values) + "\n" * (name == "token"))
     print("call  phase       k  decodes positions  feeds slots  n_cached  canvas after the call")
@@ -98,8 +98,6 @@ c, ids = model.config, []
 for i, piece in enumerate(re.split(r"\[\[(\d+)\]\]", cfg.infill or cfg.prompt)):  # [[n]]: n mask ids
     ids += [model.mask_id] * int(piece) if i % 2 else list(tok.encode(piece))
 check(cfg, "infill" if cfg.infill else "prompt", len(ids) <= c.block_size, f"is {len(ids)} tokens, L is {c.block_size}")
-if cfg.alpha0 is not None and cfg.alpha0 != c.alpha0:
-    print(f"note: sampling at alpha0={cfg.alpha0}, but the model was trained at {c.alpha0}", file=sys.stderr)
 prompt = torch.tensor(ids, dtype=torch.long) if ids else None
 options = {k: getattr(cfg, k) for k in ("steps", "adaptive", "threshold", "temperature", "top_p", "kv_cache")}
 print(f"{cfg.out_dir}/ckpt.pt (iter {ckpt['iter_num']}): variant {c.variant}, L = {c.block_size}, trained for "
@@ -111,6 +109,8 @@ for first in range(0, cfg.num_samples, batch):
         out = model.generate(n, cfg.alpha0, prompt=prompt, seed=cfg.seed + first, **options)
     except ValueError as e:  # a setting generate rejects, named as its argument
         fail(e)
+    if first == 0 and cfg.alpha0 not in (None, c.alpha0):
+        print(f"note: sampling at alpha0={cfg.alpha0}; the model was trained at {c.alpha0}", file=sys.stderr)
     if cfg.show and first == 0:  # sample 1's canvas after each call
         row, call = out.x[0].tolist(), out.decoded_by[0].tolist()
         for j in sorted({round(i * int(out.nfe[0]) / 23) for i in range(24)}):  # 24 frames at most

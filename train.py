@@ -115,11 +115,8 @@ config = {k: getattr(cfg, k) for k in ("dropout", "alpha0", *SHAPE)}  # and a co
 config |= {k: v for k, v in (ckpt or {}).get("model_config", {}).items() if k in ("bias", "gelu")}
 try:
     EsoLMConfig(**config, vocab_size=1)  # the model's own checks, before any work
-    os.makedirs(cfg.out_dir, exist_ok=True)
 except ValueError as e:
     fail(e)
-except OSError as e:
-    fail(f"--out_dir={cfg.out_dir}: {e.strerror}")
 
 # -------------------------------------------------------------------------------------------------
 # processes, device, precision
@@ -162,6 +159,10 @@ try:
 except (ValueError, OSError) as e:
     fail(f"--dataset={cfg.dataset}: {e}")
 meta = windows["train"].meta
+try:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+except OSError as e:
+    fail(f"--out_dir={cfg.out_dir}: {e.strerror}")
 
 
 def get_batch(split, rng):
