@@ -4,10 +4,8 @@ windows of them) and checkpoints. A shard is a 32-byte header (b"ESOLMTOK", uint
 bytes per token, uint64 tokens, uint64 0) and the tokens, little-endian; a dataset is a folder of
 train_*.bin, val_*.bin and meta.json, written last.
 """
-import contextlib
 import json
 import os
-import shutil
 import struct
 
 import numpy as np
@@ -15,7 +13,7 @@ import tiktoken
 import torch
 
 HEADER = struct.Struct("<8sIIQQ")
-R50K = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"  # the name tiktoken's cache gives GPT-2's BPE file
+R50K = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"  # tiktoken's cache name of GPT-2's BPE file
 
 
 class Bytes:  # UTF-8 bytes; byte 0 (NUL), all but absent from text, ends a document
@@ -64,34 +62,6 @@ def get_tokenizer(name):
 
 
 # --- Shards -------------------------------------------------------------------------------------
-class ShardWriter:
-    """Streams tokens into <folder>/<split>_000.bin, _001.bin, ..., shard_tokens each (the last
-    fewer)."""
-
-    def __init__(self, folder, split, dtype, shard_tokens):
-        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
-        self.names, self.file, self.n, self.total = [], None, 0, 0
-
-    def write(self, tokens):
-        tokens = np.asarray(tokens, self.dtype)
-        while len(tokens):
-            if self.file is None:  # opened lazily: no shard is ever empty
-                self.names.append(f"{self.split}_{len(self.names):03d}.bin")
-                self.file, self.n = open(os.path.join(self.folder, self.names[-1]), "wb"), 0
-                self.file.write(bytes(HEADER.size))  # the header goes last, when the count is known
-            take = min(len(tokens), self.shard_tokens - self.n)
-            self.file.write(tokens[:take].tobytes())
-            tokens, self.n, self.total = tokens[take:], self.n + take, self.total + take
-            if self.n == self.shard_tokens:
-                self.close()
-
-    def close(self):
-        if self.file is not None:
-            self.file.seek(0)
-            self.file.write(HEADER.pack(b"ESOLMTOK", 1, self.dtype.itemsize, self.n, 0))
-            self.file = self.file.close()
-
-
 def read_shard(path):
     """A shard's tokens as a read-only memmap, once its header agrees with the file."""
     with open(path, "rb") as f:
@@ -103,26 +73,6 @@ def read_shard(path):
         raise ValueError(f"{path}: truncated, or not {n} tokens as its header says")
     dtype = np.dtype(f"<u{itemsize}")
     return np.memmap(path, dtype, "r", HEADER.size, (n,)) if n else np.zeros(0, dtype)
-
-
-@contextlib.contextmanager
-def dataset_folder(data_dir, name):
-    """A hidden folder to write <data_dir>/<name> in, swapped in by two renames if the block ends
-    without error: <name> is always the old dataset or the whole new one, never a part."""
-    out, new, old = (os.path.join(data_dir, f) for f in (name, f".{name}.new", f".{name}.old"))
-    shutil.rmtree(new, ignore_errors=True)
-    os.makedirs(new)
-    try:
-        yield new
-        if os.path.exists(out):
-            os.rename(out, old)
-        os.rename(new, out)
-    except BaseException:  # Ctrl-C too
-        if os.path.exists(old) and not os.path.exists(out):
-            os.rename(old, out)
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class Windows:
@@ -157,7 +107,7 @@ class Windows:
 
 
 # --- Checkpoints ---------------------------------------------------------------------------------
-def save_checkpoint(path, **fields):  # written aside, then renamed: a crash leaves the old one whole
+def save_checkpoint(path, **fields):  # written aside, then renamed: a crash leaves the old whole
     torch.save({"format": "esolm", "version": 2, **fields}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -169,7 +119,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a checkpoint of this project, or is damaged ({e})") from None
+        raise ValueError(f"{path}: not a checkpoint of this project, or damaged ({e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "esolm" or ckpt.get("version") != 2:
         raise ValueError(f"{path} is not a checkpoint of this project (format esolm, version 2)")
     missing = {"model", "ema", "model_config", "train_config", "dataset_meta"} - set(ckpt)

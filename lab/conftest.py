@@ -28,7 +28,7 @@ def run(script, *args, cwd=ROOT, ok=True):
             else:
                 runpy.run_module(script, run_name="__main__", alter_sys=True)
         except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else 1
+            status = e.code if isinstance(e.code, int) else int(e.code is not None)
             if not isinstance(e.code, int | None):
                 print(e.code, file=sys.stderr)
         finally:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from configurator import check, configure, fail
-from data import ShardWriter, Windows, dataset_folder, get_tokenizer
+from data import Windows, get_tokenizer
+from prepare_data import ShardWriter, dataset_folder
 from lab.common import autocast, load_model, mean_se
 from lab.metrics import timed_generate
 
