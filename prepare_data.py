@@ -26,6 +26,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from configurator import check, configure, fail
 from data import HEADER, get_tokenizer
@@ -182,7 +183,8 @@ def main(argv=None):
         # the workers ignore Ctrl-C, which this process handles; imap keeps the files' order
         with Pool(cfg.workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
             chunk = max(1, min(64, len(files) // (8 * cfg.workers)))
-            for tokens, counts in pool.imap(work, files, chunk):
+            bar = tqdm(pool.imap(work, files, chunk), "files", len(files), disable=None)
+            for tokens, counts in bar:  # a progress bar in a terminal, none in a log file
                 for split, writer in writers.items():
                     writer.write(tokens[split])
                     docs[split] += counts[split]

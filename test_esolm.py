@@ -1,5 +1,5 @@
 """
-The method's identities, each checked against an independent statement of it (README; METHOD.md).
+The method's identities, each checked against an independent statement of it (README.md).
 
     python -m pytest -q test_esolm.py
 """
@@ -13,8 +13,22 @@ import torch
 import torch.nn.functional as F
 
 import esolm
-from esolm import (EPS, EsoLM, EsoLMConfig, Plan, adaptive_score, alpha_t, apply_rope, diffusion_mask,
-                   mdm_weight, random_plan, rope_tables, sample_tokens, sequential_mask, stratified_t)
+from esolm import (
+    EPS,
+    EsoLM,
+    EsoLMConfig,
+    Plan,
+    adaptive_score,
+    alpha_t,
+    apply_rope,
+    diffusion_mask,
+    mdm_weight,
+    random_plan,
+    rope_tables,
+    sample_tokens,
+    sequential_mask,
+    stratified_t,
+)
 
 V, L = 13, 12
 CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -426,7 +440,7 @@ def test_under_bf16_autocast_the_cache_takes_its_dtype(variant):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Masks against brute force, written from the method's text (METHOD.md section 5)
+# Masks against brute force, written from the method's text (README, "The two attention masks")
 
 def brute_diffusion(L_, c, variant):
     return [[j <= q if variant == "B" else (j < c if q < c else j < c or j <= q) for j in range(L_)]

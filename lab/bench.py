@@ -18,7 +18,14 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from configurator import check, configure, fail
-from esolm import SAMPLER_ATTENTION, EsoLM, EsoLMConfig, Plan, adaptive_score, random_plan
+from esolm import (
+    SAMPLER_ATTENTION,
+    EsoLM,
+    EsoLMConfig,
+    Plan,
+    adaptive_score,
+    random_plan,
+)
 from lab.common import autocast, load_model, sync
 from lab.compiled import compiled
 

@@ -1,5 +1,5 @@
 """
-The paper's structured orders (METHOD.md section 8), a plan for model.generate(plan=...): L / S
+The structured orders of the official code's later versions, a plan for model.generate(plan=...): L / S
 chunks of length S, and call j of the diffusion phase decodes offset j of every chunk, so that at
 alpha0 = 1 each chunk goes left to right, all in parallel, in S calls. With shuffle the offsets come
 in a random order (each row its own), and so do the positions of a call. Only the first

@@ -19,9 +19,9 @@ import torch
 
 from configurator import check, configure, fail
 from data import Windows, get_tokenizer
-from prepare_data import ShardWriter, dataset_folder
-from lab.common import autocast, load_model, mean_se
+from lab.common import autocast, load_model, mean_se, pyplot
 from lab.metrics import timed_generate
+from prepare_data import ShardWriter, dataset_folder
 
 # A grid: 81 ids, 0-8 the digits 1-9, -1 empty; the solver: a bit mask of each unit's digits
 CELL_UNITS = [(i // 9, 9 + i % 9, 18 + i // 27 * 3 + i % 9 // 3) for i in range(81)]  # r, c, box
@@ -205,6 +205,21 @@ def solve(argv=None):
     out = dict(settings=vars(cfg), dtype=dtype, cells=cells)
     Path(cfg.out_dir, "sudoku.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {cfg.out_dir}/sudoku.json")
+    if plt := pyplot("sudoku.png"):
+        figure(plt, cells, os.path.join(cfg.out_dir, "sudoku.png"))
+
+
+def figure(plt, cells, path):  # solve rate against NFE: a line a model and order, a point a tau
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for key in dict.fromkeys((c["model"], c["alpha0"], c["order"]) for c in cells):
+        points = sorted((c["all"]["nfe"], c["all"]["solved"], c["all"]["se"]) for c in cells
+                        if (c["model"], c["alpha0"], c["order"]) == key)
+        name = f"{os.path.basename(os.path.normpath(key[0]))}, alpha0 {key[1]:g}, {key[2]}"
+        ax.errorbar(*zip(*points), marker="o", capsize=2, label=name)
+    ax.set(xscale="log", xlabel="network calls a puzzle (NFE)", ylabel="puzzles solved")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
 
 
 def main(argv=None):

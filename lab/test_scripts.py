@@ -20,10 +20,10 @@ import data
 import prepare_data
 from configurator import configure, parse
 from data import Windows, get_tokenizer, read_shard
-from prepare_data import ShardWriter
 from esolm import EsoLM, EsoLMConfig
 from lab.common import load_model
 from lab.conftest import ROOT, TINY, records, run, subprocess_run, train
+from prepare_data import ShardWriter
 
 SEED, VAL = 0, 0.5  # 0.5: the small corpus below gets documents in both splits
 

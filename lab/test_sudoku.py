@@ -5,6 +5,7 @@ of its parts, the solve rule on a stub whose answers are known, puzzles of any g
 generate call, and the three commands end to end on a tiny model.
 """
 import hashlib
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -167,6 +168,7 @@ def test_train_and_solve_commands(root, tmp_path, capfd):
         assert c["all"]["n"] == 12 and 0 <= c["all"]["solved"] <= 1 and c["all"]["nfe"] >= 1
         assert sum(v["n"] for k, v in c.items() if k.startswith("givens")) == 12
     assert "margin tau=0.9" in capfd.readouterr().out
+    assert (out / "sudoku.png").exists() == bool(importlib.util.find_spec("matplotlib"))
 
 
 @pytest.mark.parametrize("cuda", [False, True])
