@@ -102,8 +102,8 @@ def test_the_compiled_call_makes_one_graph_a_bucket(monkeypatch):
     model = sharp_model("B", torch.float32, block_size=256)
     torch._dynamo.reset()
     counters.clear()
-    out = model.generate(2, 1.0, 256, net=compiled(model), seed=0)
-    assert len(widths) == int(out.nfe.max()) > 3 * len(set(widths))
+    out = model.generate(2, 1.0, 16, net=compiled(model), seed=0)  # about 16 tokens a call
+    assert len(widths) == int(out.nfe.max()) > 2 * len(set(widths))
     assert all(w == bucket(w) for w in widths)
     assert counters["stats"]["unique_graphs"] == len(set(widths))
 
