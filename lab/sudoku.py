@@ -224,6 +224,8 @@ def figure(plt, cells, path):  # solve rate against NFE: a line a model and orde
 
 def main(argv=None):
     argv, run = sys.argv[1:] if argv is None else argv, dict(build=build, train=train, solve=solve)
+    if argv[:1] in (["-h"], ["--help"]):
+        return print(__doc__.strip())
     if not argv or argv[0] not in run:
         fail("the first argument is a command: build, train or solve")
     try:
