@@ -51,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # on matrices only
     betas: tuple[float, ...] = (0.9, 0.999)  # AdamW's
     grad_clip: float = 1.0  # 0: off
-    ema: float = 0.0  # an EMA of the weights, with the official warm-up (paper: 0.9999); 0: off
+    ema: float = 0.0  # the weights' EMA, warmed up as the official one (paper: 0.9999); 0: off
     # evaluation, logging, system
     eval_interval: int = 500  # evaluate, and save a checkpoint
     eval_iters: int = 20  # batches a split: the same windows and noise every time

@@ -1,30 +1,23 @@
-"""
-The paper's Table 1 at small scale: Eso-LM (B) at several alpha0 and the MDLM baseline, trained on
-the same data, model, seed and tokens, then compared. Resumable: a finished run is a row of
-<out>/results.json, and a rerun skips what is done.
+"""The paper's Table 1 at small scale: Eso-LM (B) at several alpha0 and the MDLM baseline, trained
+alike (data, model, seed, tokens), then scored alike (docs/sampling.md): the NELBO, (B)'s "exact"
+likelihood (K = 1, 16 orders) and, for --gen_alpha0s and MDLM, samples at several T scored by the AR
+run (alpha0 = 0, always run). Resumable: <out>/results.json, a row a run; results.csv, sweep.png.
 
     python -m lab.sweep                                 # train.py's defaults (the CPU preset)
     python -m lab.sweep --alpha0s=0,0.25,1 --mdlm=False  # a subset
     python -m lab.sweep --train_args="--max_iters=2000 --block_size=512"   # for every run
-
-Each run on the same held-out windows and noise, mean +- standard error: the NELBO and, for (B),
-the "exact" likelihood with K = 1 and 16 orders. For --gen_alpha0s, MDLM and the AR run: samples at
-several T (lab.metrics.sample_cell) scored by the alpha0 = 0 run (an AR model of the same data:
-generative perplexity), their entropy and, for bytes, their corpus word rate. Writes
-results.json, results.csv and, with matplotlib, sweep.png.
 """
 import csv
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 
 from configurator import check, configure
@@ -32,7 +25,7 @@ from data import get_tokenizer
 from lab.common import autocast, device_ok, held_out, load_model, mean_se, pyplot
 from lab.metrics import likelihoods, sample_cell, training_words
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
 
 @dataclass
@@ -46,17 +39,6 @@ class Settings:
     num_samples: int = 32  # samples a (run, T)
     train_args: str = ""  # more train.py settings for every run, as one string
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def train(cfg, name, alpha0, variant):  # train.py in a subprocess, resumed if it has a checkpoint
-    out_dir = os.path.join(cfg.out, name)
-    resume = ["--init_from=resume"] * os.path.exists(os.path.join(out_dir, "ckpt.pt"))
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--alpha0={alpha0}",
-           f"--variant={variant}", f"--out_dir={out_dir}", *shlex.split(cfg.train_args), *resume]
-    print(" ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    return time.time() - t0
 
 
 def evaluate(cfg, name, alpha0, variant, scorer, wall):  # a row: likelihoods, then samples
@@ -90,21 +72,27 @@ def main(argv=None):
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         check(cfg, "out", False, f"cannot be a folder to write in ({e.strerror})")
-    path = os.path.join(cfg.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else []
-    # the AR run (alpha0 = 0) is always trained: it scores the others' samples
+    path = Path(cfg.out, "results.json")
+    results = json.loads(path.read_text()) if path.exists() else []
     runs = [(f"alpha0_{a:g}", a, "B") for a in sorted(set(cfg.alpha0s) | {0.0})]
     runs += [("mdlm", 1.0, "MDLM")] * cfg.mdlm
     done = {"mdlm" if r["variant"] == "MDLM" else f"alpha0_{r['alpha0']:g}" for r in results}
-    walls = {n: train(cfg, n, a, v) for n, a, v in sorted(runs, key=lambda r: r[1] != 0.25)
-             if n not in done or not os.path.exists(os.path.join(cfg.out, n, "ckpt.pt"))}
+    walls = {}  # train.py in a subprocess, alpha0 = 0.25 first, resumed from a checkpoint
+    for name, alpha0, variant in sorted(runs, key=lambda r: r[1] != 0.25):
+        resume = ["--init_from=resume"] * os.path.exists(f"{cfg.out}/{name}/ckpt.pt")
+        if name not in done or not resume:
+            cmd = [sys.executable, TRAIN, f"--alpha0={alpha0}", f"--variant={variant}",
+                   f"--out_dir={cfg.out}/{name}", *shlex.split(cfg.train_args), *resume]
+            print(" ".join(cmd), flush=True)
+            t0 = time.time()
+            subprocess.run(cmd, check=True)
+            walls[name] = time.time() - t0
     scorer, _ = load_model(os.path.join(cfg.out, "alpha0_0"), cfg.device)
     for name, alpha0, variant in (r for r in runs if r[0] not in done):
         results.append(evaluate(cfg, name, alpha0, variant, scorer, walls.get(name)))
         print(json.dumps(results[-1]), flush=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        Path(f"{path}.tmp").write_text(json.dumps(results, indent=1))
+        os.replace(f"{path}.tmp", path)  # results.json has a run whole or not at all
     results.sort(key=lambda r: (r["alpha0"] != 0, r["variant"] != "MDLM", r["alpha0"]))
     with open(os.path.join(cfg.out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in results for k in r)))
@@ -114,45 +102,41 @@ def main(argv=None):
     return results
 
 
-def ppl(r, key):  # exp of a per-token value with its standard error (delta method), or blanks
-    if key not in r:
-        return " " * 14
-    return f"{math.exp(r[key]):6.2f} +- {math.exp(r[key]) * r[key + '_se']:4.2f}"
+def ppl(r, key, se=None):  # exp of a per-token value, and its standard error (delta method)
+    return math.exp(r[key]), math.exp(r[key]) * r[se or key + "_se"]
 
 
-def errorbar(ax, xs, rows, key, **kw):  # perplexities, one standard error either side
-    ys = np.exp([r[key] for r in rows])
-    ax.errorbar(xs, ys, ys * np.array([r[key + "_se"] for r in rows]), capsize=3, **kw)
+def errorbar(ax, xs, ppls, fmt, **kw):  # (perplexity, standard error) pairs: one se either side
+    ax.errorbar(xs, [p for p, _ in ppls], [se for _, se in ppls], fmt=fmt, capsize=3, **kw)
 
 
 def table(results, out):
     """The table in the paper's order (the AR run, MDLM, Eso-LM (B) by alpha0), and sweep.png."""
-    steps = sorted({int(k[9:]) for r in results for k in r if re.fullmatch(r"gen_nll_T\d+", k)})
+    steps = sorted({int(k[9:]) for r in results for k in r if k[:9] == "gen_nll_T"})
+    gen = {s: (f"gen_nll_T{s}", f"gen_nll_se_T{s}") for s in steps}  # a mean, its standard error
+    cols = [("nelbo",), ("exact_k1",), ("exact_k16",), *gen.values()]
     print("\nrun     NELBO ppl         exact K=1         K=16          "
           + "".join(f"  gen ppl T={s:<6d}" for s in steps))
     for r in results:
         name = "MDLM" if r["variant"] == "MDLM" else f"{r['alpha0']:g}"
-        print(f"{name:6s}  {ppl(r, 'nelbo')}  {ppl(r, 'exact_k1')}  {ppl(r, 'exact_k16')}"
-              + "".join(f"  {ppl(r, f'gen_nll_T{s}')}" for s in steps))
-    plt = pyplot("sweep.png")
-    if plt is None:
+        cells = ("{:6.2f} +- {:4.2f}".format(*ppl(r, *c)) if c[0] in r else " " * 14 for c in cols)
+        print(f"{name:6s}  " + "  ".join(cells))
+    if (plt := pyplot("sweep.png")) is None:
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), layout="tight")
     for key, label in (("nelbo", "NELBO"), ("exact_k1", "exact K = 1"), ("exact_k16", "K = 16")):
         rows = [r for r in results if r["variant"] == "B" and key in r]
-        errorbar(ax1, [r["alpha0"] for r in rows], rows, key, fmt="o-", label=label)
-    mdlm = [r for r in results if r["variant"] == "MDLM"]
-    errorbar(ax1, [1.0] * len(mdlm), mdlm, "nelbo", fmt="D", color="k", label="MDLM, NELBO")
+        errorbar(ax1, [r["alpha0"] for r in rows], [ppl(r, key) for r in rows], "o-", label=label)
+    mdlm = [ppl(r, "nelbo") for r in results if r["variant"] == "MDLM"]
+    errorbar(ax1, [1.0] * len(mdlm), mdlm, "D", color="k", label="MDLM, NELBO")
     ax1.set(xlabel="alpha0 (0: AR, 1: MDM)", ylabel="validation perplexity", title="Likelihood")
     ax1.legend()
     for r in (r for r in results if r["alpha0"] > 0):
-        s = [t for t in steps if f"gen_nll_T{t}" in r]
-        rows = [{"x": r[f"gen_nll_T{t}"], "x_se": r[f"gen_nll_T{t}_se"]} for t in s]
+        s = [t for t in steps if gen[t][0] in r]
         label = "MDLM" if r["variant"] == "MDLM" else f"alpha0 = {r['alpha0']:g}"
-        errorbar(ax2, s, rows, "x", fmt="o-", label=label)
+        errorbar(ax2, s, [ppl(r, *gen[t]) for t in s], "o-", label=label)
     ax2.set(xscale="log", xlabel="diffusion steps T", ylabel="generative perplexity")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(os.path.join(out, "sweep.png"), dpi=120)
     print(f"wrote {out}/results.json, results.csv, sweep.png")
 

@@ -4,13 +4,15 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from lab import compiled as compiled_module
+from lab.common import held_out, load_model, mean_se
 from lab.compiled import bucket, compiled
 from lab.conftest import run
-from lab.metrics import corpus_word_rate, generative_nll, words
+from lab.metrics import corpus_word_rate, generative_nll, likelihoods, words
 from lab.orders import subcontext_plan
 from test_esolm import V, assert_same_run, gen, sharp_model
 
@@ -176,3 +178,14 @@ def test_evaluate_grid(tiny_data, trained, mdlm, ar):
     tau = [c for c in ran if c["threshold"] == 0.5]
     assert tau and all(c["order"] == "margin" for c in tau)
     assert (trained / "grid.png").exists() or "matplotlib is not installed" in out
+
+
+def test_the_nelbos_standard_error_holds_against_repeated_draws(tiny_data, trained):
+    """Each window draws its own t and masks, so the windows' values are independent draws and
+    their standard error (which adds the windows' own spread) is not too small: the spread of the
+    mean over 30 seeds stays within it."""
+    model, _ = load_model(trained)
+    x = held_out(tiny_data / "data", "tiny", 32, 16)
+    runs = [mean_se(likelihoods(model, x, orders=(), seed=s)["nelbo"]) for s in range(30)]
+    means, ses = zip(*runs)
+    assert 0 < np.std(means, ddof=1) <= np.mean(ses)
