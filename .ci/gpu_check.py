@@ -1,27 +1,22 @@
 """
 Check a GPU setup and measure it: one command, results in one folder, the most telling steps first.
 
-    python .ci/gpu_check.py --out=gpu_check                                    # everything
-    python .ci/gpu_check.py --out=gpu_check --skip tests train sample bench official compiled --step_timeout=240
-    python .ci/gpu_check.py --out=gpu_check --smoke                            # a dry run at tiny sizes, any machine
+    python .ci/gpu_check.py --out=gpu_check                   # everything (about 10 minutes on an H100)
+    python .ci/gpu_check.py --out=gpu_check --skip tests train sample bench official compiled
+    python .ci/gpu_check.py --out=gpu_check --smoke           # a dry run at tiny sizes, any machine
 
 Steps, each logged to <out>/log.txt, all results in <out>/gpu_check.json (--skip leaves steps out):
-1. calls: .ci/time_calls.py: at 12 x 768, GPT-2 vocabulary, L = 1024, batch 8, bf16: the eager cached call against
-   the uncached (MDLM) call, each with and without cuDNN attention (the sampler keeps cuDNN off: is that the fix
-   for the cached sampler being slower than the uncached one?); then the static compiled call per bucket (target:
-   at most 1 ms), and the whole loop through it;
-2. throughput: bench.py --throughput at L = 1024 and 2048, the paper's batch sizes: AR, MDLM, Eso-LM (B) and (A),
-   BD3-LM's cost model; then compiled at L = 2048 and batch 8 (target: Eso-LM (B) within 2 s and at most 1.1x AR);
-   the adaptive order's cost against the planned one at L = 1024; then L = 8192 (target: MDLM / Eso-LM (B) at least
-   65x);
-3. tests: the test suite's CUDA and bf16 tests (pytest -k "cuda or bf16");
-4. train: train.py with the GPU defaults for --iters iterations (ms/iter, tokens/s, MFU, the loss falling), again with
-   TORCH_CUDNN_SDPA_PREFERRED=0, then torchrun --standalone --nproc_per_node=1 (NCCL); needs data/shakespeare
-   (python prepare_data.py, or a copied data/ folder);
-5. sample: sample.py from that checkpoint in float32: the cached sampler and --kv_cache=False print the same samples;
-6. bench: bench.py's training step at L = 1024 (MFU);
-7. official: the paper's network through the published-checkpoint loader (a random checkpoint in the authors' format
-   at the published size, from pretrained.official_shapes), bench.py --init_from --throughput at L = 1024;
+1. calls: .ci/time_calls.py at 12 x 768, GPT-2 vocabulary, L = 1024, batch 8, bf16: a cached call against the
+   uncached one, eager and through lab.compiled (CUDA graphs), and the whole loop;
+2. throughput: python -m lab.bench --throughput at L = 1024 and 2048, the paper's batch sizes (AR, MDLM, Eso-LM (B)
+   and (A), (B) adaptive with and without a threshold, BD3-LM's cost model); compiled at L = 2048, batch 8; L = 8192;
+3. tests: the suite's CUDA and bf16 tests (pytest -k "cuda or bf16");
+4. train: train.py with the GPU defaults for --iters iterations (ms/iter, tokens/s, MFU, the loss falling), then
+   torchrun --standalone --nproc_per_node=1 (NCCL); needs data/shakespeare (a copied data/ folder);
+5. sample: sample.py from that checkpoint: the cached sampler and --kv_cache=False print the same samples;
+6. bench: python -m lab.bench's default mode at the CUDA preset (whole runs, the training step's MFU);
+7. official: a random checkpoint in the authors' format at the published size, through python -m lab.convert, then
+   python -m lab.bench --init_from --throughput at L = 1024;
 8. compiled: train.py --compile=True.
 A step that fails is recorded with the end of its output, and the check goes on with the next.
 """
@@ -29,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +42,7 @@ if args.smoke:
     args.iters = 4
 os.makedirs(args.out, exist_ok=True)
 out = os.path.abspath(args.out)
-log = open(os.path.join(out, "log.txt"), "a")
+log = open(os.path.join(out, "log.txt"), "a")  # noqa: SIM115  (open for the whole check)
 results = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -101,8 +97,9 @@ if not torch.cuda.is_available() and not args.smoke:
 py = sys.executable
 device = "cuda" if torch.cuda.is_available() else "cpu"
 tiny = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--vocab_size=256"] if args.smoke else []
+tiny_train = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4"] if args.smoke else []
 common = [f"--max_iters={args.iters}", f"--eval_interval={args.iters}", "--eval_iters=10",  # of train.py
-          f"--log_interval={min(25, args.iters // 2)}"]
+          f"--log_interval={min(25, args.iters // 2)}", *tiny_train]
 
 
 def path(name):
@@ -113,75 +110,67 @@ if "calls" not in args.skip:
     run("calls", [py, ".ci/time_calls.py", f"--out={path('calls.json')}", *(["--smoke"] if args.smoke else [])],
         json_out=path("calls.json"))
 
+bench = [py, "-m", "lab.bench", f"--device={device}", *tiny]
 if "throughput" not in args.skip:
-    bench = [py, "bench.py", f"--device={device}", "--throughput", *tiny]
-    planned = "--rows=AR,MDLM,B,A,BD3"  # the adaptive row costs what MDLM does: a step of its own, at one L
     small = ["--sample_batch=2", "--uncached_calls=4", "--repeats=1"] if args.smoke else ["--repeats=2"]
-    run("throughput", [*bench, planned, "--lengths=" + ("64" if args.smoke else "1024,2048"), *small,
-                       f"--json={path('throughput.json')}"], json_out=path("throughput.json"))
-    compiled = [*bench, "--compile", "--rows=AR,B", "--lengths=" + ("64" if args.smoke else "2048"),
-                f"--sample_batch={2 if args.smoke else 8}", f"--json={path('throughput_compiled.json')}"]
-    run("throughput_compiled", compiled, json_out=path("throughput_compiled.json"))
-    run("throughput_adaptive", [*bench, "--rows=B,adaptive", "--lengths=" + ("64" if args.smoke else "1024"),
-                                "--repeats=1", *small[:1], f"--json={path('throughput_adaptive.json')}"],
-        json_out=path("throughput_adaptive.json"))
-    run("throughput_8192", [*bench, planned, "--lengths=" + ("128" if args.smoke else "8192"), "--repeats=1",
-                            "--uncached_calls=4" if args.smoke else "--uncached_calls=8", *small[:1],
-                            f"--json={path('throughput_8192.json')}"], json_out=path("throughput_8192.json"))
+    for name, extra in (("throughput", ["--lengths=" + ("64" if args.smoke else "1024,2048"), *small]),
+                        ("throughput_compiled", ["--compile", "--lengths=" + ("64" if args.smoke else "2048"),
+                                                 f"--sample_batch={2 if args.smoke else 8}", *small[1:]]),
+                        ("throughput_8192", ["--lengths=" + ("128" if args.smoke else "8192"), "--repeats=1",
+                                             "--uncached_calls=" + ("4" if args.smoke else "8"), *small[:1]])):
+        run(name, [*bench, "--throughput", *extra, f"--json={path(name + '.json')}"], json_out=path(name + ".json"))
 
 if "tests" not in args.skip:
-    output = run("tests", [py, "-m", "pytest", "-q", "-k", "cuda or bf16", "test_esolm.py", "test_pipeline.py"])
+    output = run("tests", [py, "-m", "pytest", "-q", "-k", "cuda or bf16", "test_esolm.py", "lab/"])
     if output:
         results["tests"]["summary"] = output.strip().splitlines()[-1]
 
 if "train" not in args.skip:
-    # the same run with cuDNN attention last in torch's order: the AR term's length changes at every step, and
-    # cuDNN builds a plan for each new shape (see esolm.SAMPLER_ATTENTION)
-    for name, env in (("train_eager", None), ("train_eager_cudnn_last", {"TORCH_CUDNN_SDPA_PREFERRED": "0"})):
-        if run(name, [py, "train.py", "--alpha0=0.25", f"--out_dir={path(name)}", *common], env=env) is not None:
-            results[name].update(training_log(path(name)))
+    if run("train_eager", [py, "train.py", "--alpha0=0.25", f"--out_dir={path('train_eager')}", *common]) is not None:
+        results["train_eager"].update(training_log(path("train_eager")))
     run("torchrun_nccl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
                           "--alpha0=0.25", f"--out_dir={path('train_ddp')}", "--max_iters=20", "--eval_interval=20",
-                          "--eval_iters=2", "--log_interval=10"])
+                          "--eval_iters=2", "--log_interval=10", *tiny_train])
 
 if "sample" not in args.skip and os.path.exists(path("train_eager/ckpt.pt")):
     samples = {}
     for name, extra in (("sample_cached", []), ("sample_uncached", ["--kv_cache=False"])):
-        output = run(name, [py, "sample.py", f"--out_dir={path('train_eager')}", "--num_samples=4", "--dtype=float32",
-                            "--seed=0", *extra])
+        output = run(name, [py, "sample.py", f"--out_dir={path('train_eager')}", "--num_samples=4", *extra])
         if output:
             samples[name] = re.findall(r"---------- sample \d+\n(.*?)(?=\n---------- )", output, re.S)
-            nfe, seconds = re.search(r"NFE (\d+), ([\d.]+) s", output).groups()
-            results[name].update(nfe=int(nfe), sample_seconds=float(seconds))
+            seconds, nfe = re.search(r"samples: ([\d.]+) s, NFE ([\d.]+)", output).groups()
+            results[name].update(nfe=float(nfe), sample_seconds=float(seconds))
     if len(samples) == 2:
         results["cached_equals_uncached"] = samples["sample_cached"] == samples["sample_uncached"]
 
 if "bench" not in args.skip:
-    run("bench_training", [py, "bench.py", f"--device={device}", "--skip_sampling", "--repeats=3",
-                           *(tiny + ["--block_size=32", "--train_batch=2"] if args.smoke else ["--block_size=1024"]),
-                           f"--json={path('bench_training.json')}"], json_out=path("bench_training.json"))
+    run("bench_default", [*bench, "--repeats=1", *(["--block_size=32", "--train_batch=2"] if args.smoke else []),
+                          f"--json={path('bench_default.json')}"], json_out=path("bench_default.json"))
 
 if "official" not in args.skip:
     sys.path.insert(0, ROOT)
-    from pretrained import official_shapes, write_safetensors  # a random checkpoint in the authors' format
+    from lab.convert import official_shapes, write_safetensors  # a random checkpoint in the authors' format
     V, (n_layer, C) = (256, (1, 32)) if args.smoke else (50257, (12, 768))
     n_head = C // 64 if not args.smoke else 2
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in official_shapes(V, C, n_layer, n_head).items()}
     sd["sigma_map.mlp.0.weight"][:, 128:] = 0  # the sin(sigma freq) half, untrained: a model without time input
     sd["rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, C // n_head, 2).float() / (C // n_head)))
-    os.makedirs(path("official-alpha-1"), exist_ok=True)
-    write_safetensors(path("official-alpha-1/model.safetensors"), sd)
-    with open(path("official-alpha-1/config.json"), "w") as f:
-        json.dump({"mask_index": V, "vocab_size": V + 1, "n_blocks": n_layer, "n_heads": n_head,
-                   "model_length": 1024}, f)
-    run("bench_official", [py, "bench.py", f"--device={device}", f"--init_from={path('official-alpha-1')}",
-                           "--throughput", "--lengths=" + ("64" if args.smoke else "1024"), "--repeats=1",
-                           "--rows=MDLM,B,AR",
-                           "--uncached_calls=4" if args.smoke else "--uncached_calls=16",
-                           f"--json={path('bench_official.json')}"], json_out=path("bench_official.json"))
+    folder = path("official-alpha-1")
+    os.makedirs(folder, exist_ok=True)
+    write_safetensors(os.path.join(folder, "model.safetensors"), sd)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"mask_index": V, "vocab_size": V + 1, "model_length": 64 if args.smoke else 1024}, f)
+    shutil.rmtree(path("official_converted"), ignore_errors=True)
+    if run("convert_official", [py, "-m", "lab.convert", f"--source={folder}",
+                                f"--out_dir={path('official_converted')}"]) is not None:
+        run("bench_official", [py, "-m", "lab.bench", f"--device={device}", "--throughput", "--repeats=1",
+                               f"--init_from={path('official_converted')}",
+                               "--uncached_calls=" + ("4" if args.smoke else "16"), *(["--sample_batch=2"] *
+                               args.smoke), f"--json={path('bench_official.json')}"],
+            json_out=path("bench_official.json"))
 
-if "compiled" not in args.skip:  # last: compiling takes minutes on a GPU box (about 30 s a graph on an H200's)
+if "compiled" not in args.skip:  # last: compiling takes minutes on a GPU box (about 30 s a graph)
     if run("train_compiled", [py, "train.py", "--alpha0=0.25", f"--out_dir={path('train_compiled')}", *common,
                               "--compile=True"]) is not None:
         results["train_compiled"].update(training_log(path("train_compiled")))
