@@ -1,5 +1,4 @@
-"""
-Speed of the samplers and of the training step (BENCHMARKS.md: what each mode measures).
+"""Speed of the samplers and of the training step (BENCHMARKS.md: what each mode measures).
 
     python -m lab.bench                  # whole sampling runs, cached or not; the training step
     python -m lab.bench --lengths        # whole sampling runs against L
@@ -18,20 +17,13 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from configurator import check, configure, fail
-from esolm import (
-    SAMPLER_ATTENTION,
-    EsoLM,
-    EsoLMConfig,
-    Plan,
-    adaptive_score,
-    random_plan,
-)
-from lab.common import autocast, load_model, sync
+from esolm import SAMPLER_ATTENTION, EsoLM, EsoLMConfig, adaptive_score, random_plan
+from lab.common import autocast, device_ok, load_model, sync
 from lab.compiled import compiled
 
 PAPER_BATCH = {1024: 512, 2048: 256, 8192: 64}  # the official scripts' batch sizes
-CUDA = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, train_batch=8,
-            uncached_calls=0)  # the paper's (the defaults: a CPU's)
+CUDA = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50257,
+        "train_batch": 8, "uncached_calls": 0}  # the paper's (the defaults: a CPU's)
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
@@ -56,10 +48,9 @@ class Settings:
     json: str = ""  # write the results here
 
 
-def timings(cases, cfg, stat=statistics.median):
-    """A warm-up run of each, then --repeats rounds over all: drifts hit all alike."""
+def timings(cases, cfg, stat=statistics.median):  # a warm-up each, then --repeats rounds
     outs, times = {k: fn() for k, fn in cases.items()}, {k: [] for k in cases}
-    for _ in range(cfg.repeats):
+    for _ in range(cfg.repeats):  # rounds over all cases: drifts hit all alike
         for k, fn in cases.items():
             sync(cfg.device)  # the device's work, timed
             t0 = time.perf_counter()
@@ -76,23 +67,16 @@ def table(rows, ratios):  # print a mode's results
     return {"rows": rows, "ratios": ratios}
 
 
-def whole_run(generate, *args, **options):  # the same run every time: its NFE
-    return lambda: int(generate(*args, **options).nfe.max())
+def whole_run(model, B, net, *args, **options):  # the same run every time: its NFE
+    return lambda: int(model.generate(B, *args, net=net, **options).nfe.max())
 
 
-def no_sampling(logits, write):  # the mask id (V, the logits' width), as the official timing
-    return torch.full((logits.size(0),), logits.size(1), device=logits.device)
-
-
-def bd3_calls(model, B, b, net=None):
-    """BD3-LM's cost model through this backbone: L / b blocks in turn, b calls a block (NFE = L),
-    each feeding the block's b tokens, which see each other and the earlier blocks' cache."""
+def bd3_calls(model, B, b, net=None):  # BD3-LM's cost: L / b blocks, b calls each (NFE = L)
     L, dev = model.config.block_size, model.wte.weight.device
     slot, idx = torch.arange(L + 1, device=dev), torch.full((B, b), model.mask_id, device=dev)
-    done = torch.zeros(B, L, dtype=torch.long, device=dev)  # no masks: decode makes no call, only
-    model.decode(done, Plan(done, done[:, :0]), no_sampling)  # its cache, L + 1 slots read whole
+    model.generate(B, prompt=torch.zeros(L).long())  # no masks, no call: the cache, L + 1 slots
 
-    def fn():
+    def fn():  # a call feeds a block's b tokens: they see each other and the cache
         for start in range(0, L, b):
             s, mask = (start + slot[:b]).expand(B, b), (slot < start + b).expand(1, 1, b, L + 1)
             for _ in range(b):
@@ -109,25 +93,24 @@ def memory(fn, cuda):  # MiB of a step: what autograd saves for backward, and CU
     with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.update(
             {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()}) or t, lambda t: t):
         fn()
-    return sum(seen.values()) / 2**20, torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {"saved_MiB": sum(seen.values()) / 2**20, "peak_MiB": peak}
 
 
-def sampling(cfg, L, B, m, gen, decode):
-    """Whole runs at one L: cached against uncached at T = L, L/4, L/16 and (A); AR; adaptive."""
-    res = {f"B {c}cached T={T}": whole_run(gen["B"], 1.0, T, kv_cache=not c)
+def sampling(cfg, L, B, m, run, net):  # whole runs at one L: (un)cached, (A), AR, adaptive
+    res = {f"B {c}cached T={T}": run["B"](1.0, T, kv_cache=not c)
            for T in dict.fromkeys((L, max(1, L // 4), max(1, L // 16))) for c in ("", "un")}
-    res |= {f"A {c}cached a0={a0}": whole_run(gen["A"], a0, kv_cache=not c)
+    res |= {f"A {c}cached a0={a0}": run["A"](a0, kv_cache=not c)
             for a0 in (1.0, 0.25) for c in ("", "un")}
-    res |= {f"B adaptive tau={tau}": whole_run(gen["B"], 1.0, adaptive="confidence", threshold=tau)
-            for tau in (None, cfg.threshold)} | {"AR": whole_run(gen["B"], 0.0)}
+    res |= {f"B adaptive tau={tau}": run["B"](1.0, adaptive="confidence", threshold=tau)
+            for tau in (None, cfg.threshold)} | {"AR": run["B"](0.0)}
     secs, nfe = timings(res, cfg)
     ratios = {f"{k} / cached": s / secs[k.replace("un", "")] for k, s in secs.items() if "un" in k}
     ratios |= {f"{k} / AR": s / secs["AR"] for k, s in secs.items() if k.startswith("B cached")}
     return table({k: {"seconds": secs[k], "nfe": nfe[k]} for k in res}, ratios)
 
 
-def training(cfg, amp, model):
-    """Forward + backward of model.loss at alpha0 = 1, 0.25 (batch_split 0.5), 0 (the 2L layout)."""
+def training(cfg, amp, model):  # forward + backward at alpha0 = 1, 0.25 (batch_split 0.5), 0
     B, L, cuda = cfg.train_batch, cfg.block_size, cfg.device.startswith("cuda")
     x, model = torch.randint(0, cfg.vocab_size, (B, L), device=cfg.device), model.train()
 
@@ -143,19 +126,16 @@ def training(cfg, amp, model):
     n_params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()
     flops = (6 * n_params + 12 * cfg.n_layer * cfg.n_embd * L) * B * L
     fed = {1.0: 1.0, 0.25: (1 + 1.75) / 2, 0.0: 2.0}  # at 0.25, half the rows AR's
-    rows = {f"a0={a}": dict(ms=secs[a] * 1e3, tokens_per_s=B * L / secs[a], mfu=flops * fed[a]
-                            / secs[a] / cfg.peak_flops if cuda else None)
-            | dict(zip(("saved_MiB", "peak_MiB"), memory(fn, cuda))) for a, fn in cases.items()}
+    rows = {f"a0={a}": {"ms": secs[a] * 1e3, "tokens_per_s": B * L / secs[a],
+                        "mfu": flops * fed[a] / secs[a] / cfg.peak_flops if cuda else None}
+            | memory(fn, cuda) for a, fn in cases.items()}
     return table(rows, {"a0=0.25 / a0=1": secs[0.25] / secs[1.0]})
 
 
-def against_length(cfg, L, B, m, gen, decode):
-    """Whole runs, T = L: MDLM (uncached, bidirectional), (B) at alpha0 = 1, AR, (A) at 0.25. MDLM's
-    calls, each the same full forward, timed on a prompt that leaves n masks, times (B)'s NFE."""
+def against_length(cfg, L, B, m, run, net):  # whole runs, T = L: (B), AR, (A); MDLM estimated
     n = min(cfg.uncached_calls or L, L)
-    cases = {"B": whole_run(gen["B"], 1.0), "AR": whole_run(gen["B"], 0.0),
-             "A a0=0.25": whole_run(gen["A"], 0.25),
-             "MDLM": whole_run(gen["MDLM"], 1.0, n, prompt=torch.zeros(L - n).long())}
+    cases = {"B": run["B"](1.0), "AR": run["B"](0.0), "A a0=0.25": run["A"](0.25),
+             "MDLM": run["MDLM"](1.0, n, prompt=torch.zeros(L - n).long())}
     secs, nfe = timings(cases, cfg)  # (B) drew the plan MDLM would (the same seeds)
     rows = {k: {"seconds": secs[k], "nfe": nfe[k]} for k in cases}
     rows["MDLM"] = {"seconds": secs["MDLM"] / nfe["MDLM"] * nfe["B"], "nfe": nfe["B"],
@@ -164,26 +144,27 @@ def against_length(cfg, L, B, m, gen, decode):
     return table(rows, ratios)
 
 
-def throughput(cfg, L, B, m, gen, decode):
-    """As the official profile_throughput: the plans drawn before the timer, which covers the
-    network calls only; no token sampled; the mean of --repeats batches after a warm-up."""
+def throughput(cfg, L, B, m, run, net):  # as profile_throughput: plans drawn, calls timed
     dev, u = cfg.device, torch.rand(4, 2, B, L, device=cfg.device)
     masks = torch.full((B, L), m["B"].mask_id, device=dev)
     ar, eso, mdlm, a = (random_plan(masks > 0, a0, L, u[i]) for i, a0 in enumerate((0, 1, 1, .25)))
     nfe, n = mdlm.ks.size(1), min(cfg.uncached_calls or L, mdlm.ks.size(1))
     if n < nfe:  # an estimate: its first n calls, each the same full forward
-        mdlm = Plan(mdlm.order, torch.ones(B, n, dtype=torch.long, device=dev))
+        mdlm = mdlm._replace(ks=torch.ones(B, n, dtype=torch.long, device=dev))
     clean = torch.arange(L, device=dev) < L - mdlm.ks.sum(1, keepdim=True)
 
+    def no_sampling(logits, write):  # the mask id (V, the logits' width), as the official timing
+        return torch.full((logits.size(0),), logits.size(1), device=logits.device)
+
     def calls(v, p, canvas=masks, **options):  # adaptive reorders p's order: a copy
-        return lambda: int(decode[v](canvas, p._replace(order=p.order.clone()), **options).max())
+        return lambda: int(m[v].decode(canvas, p._replace(order=p.order.clone()), no_sampling,
+                                       net=net[v], **options).max())
     score = partial(adaptive_score, temperature=1.0, rule="confidence")
     cases = {"AR": calls("B", ar), "B": calls("B", eso), "A a0=0.25": calls("A", a),
              "MDLM": calls("MDLM", mdlm, masks.masked_fill(clean, 0), kv_cache=False),
              "adaptive": calls("B", eso, score=score),
              f"adaptive tau={cfg.threshold}": calls("B", eso, score=score, threshold=cfg.threshold)}
-    net = compiled(m["B"]) if cfg.compile else None
-    cases |= {f"BD3 b={b}": bd3_calls(m["B"], B, b, net) for b in (4, 8, 16) if L % b == 0}
+    cases |= {f"BD3 b={b}": bd3_calls(m["B"], B, b, net["B"]) for b in (4, 8, 16) if L % b == 0}
     secs, made = timings(cases, cfg, statistics.mean)
     rows = {k: {"seconds": s, "nfe": made[k]} for k, s in secs.items()}
     rows["MDLM"] = {"seconds": secs["MDLM"] * nfe / n, "nfe": nfe, "calls_timed": n}
@@ -195,7 +176,7 @@ def main(argv=None):
     argv = [a + "=" * (a == "--lengths") for a in (sys.argv[1:] if argv is None else argv)]
     cuda = any(a.startswith("--device=cuda") for a in argv)  # a bare --lengths: the defaults
     cfg = configure(Settings, __doc__, argv, CUDA if cuda else None)
-    check(cfg, "device", cfg.device == "cpu" or cuda and torch.cuda.is_available(), "is not here")
+    check(cfg, "device", device_ok(cfg.device), "is not here")
     for k in (*SHAPE, "repeats", "sample_batch"):
         check(cfg, k, getattr(cfg, k) is None or getattr(cfg, k) >= 1, "must be at least 1")
     check(cfg, "train_batch", cfg.train_batch >= 2, "must be at least 2")
@@ -227,12 +208,11 @@ def main(argv=None):
             model.load_state_dict(base.state_dict() if base else m["B"].state_dict())
         B = cfg.sample_batch or ((PAPER_BATCH.get(L, 64) if cfg.throughput else 8) if cuda else 4)
         net = {v: compiled(model) if cfg.compile else None for v, model in m.items()}
-        gen = {v: partial(model.generate, B, net=net[v]) for v, model in m.items()}
-        decode = {v: partial(model.decode, pick=no_sampling, net=net[v]) for v, model in m.items()}
+        run = {v: partial(whole_run, model, B, net[v]) for v, model in m.items()}
         print(f"\n{mode}, L = {L}, batch {B}: seconds, {cfg.repeats} runs")
         with amp, torch.no_grad():
             row = {"throughput": throughput, "lengths": against_length}.get(mode, sampling)
-            results.setdefault(mode, []).append(row(cfg, L, B, m, gen, decode) | {"L": L, "B": B})
+            results.setdefault(mode, []).append(row(cfg, L, B, m, run, net) | {"L": L, "B": B})
     if mode == "sampling":
         print(f"\ntraining, batch {cfg.train_batch}")
         results |= {"sampling": results["sampling"][0], "training": training(cfg, amp, m["B"])}

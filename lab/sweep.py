@@ -1,7 +1,7 @@
 """The paper's Table 1 at small scale: Eso-LM (B) at several alpha0 and the MDLM baseline, trained
 alike (data, model, seed, tokens), then scored alike (docs/sampling.md): the NELBO, (B)'s "exact"
 likelihood (K = 1, 16 orders) and, for --gen_alpha0s and MDLM, samples at several T scored by the AR
-run (alpha0 = 0, always run). Resumable: <out>/results.json, a row a run; results.csv, sweep.png.
+run (alpha0 = 0, always trained). Writes <out>/results.json (resumable), results.csv, sweep.png.
 
     python -m lab.sweep                                 # train.py's defaults (the CPU preset)
     python -m lab.sweep --alpha0s=0,0.25,1 --mdlm=False  # a subset
