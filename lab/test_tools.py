@@ -11,7 +11,7 @@ import torch
 from lab import compiled as compiled_module
 from lab.common import held_out, load_model, mean_se
 from lab.compiled import bucket, compiled
-from lab.conftest import run
+from lab.conftest import TINY, run
 from lab.metrics import corpus_word_rate, generative_nll, likelihoods, words
 from lab.orders import subcontext_plan
 from test_esolm import V, assert_same_run, gen, sharp_model
@@ -189,3 +189,23 @@ def test_the_nelbos_standard_error_holds_against_repeated_draws(tiny_data, train
     runs = [mean_se(likelihoods(model, x, orders=(), seed=s)["nelbo"]) for s in range(30)]
     means, ses = zip(*runs)
     assert 0 < np.std(means, ddof=1) <= np.mean(ses)
+
+
+def test_a_tiny_sweep_trains_scores_and_resumes(tiny_data):
+    """python -m lab.sweep: the runs trained alike, each scored (likelihoods; samples for
+    --gen_alpha0s, the AR run and MDLM), the table printed; a rerun trains nothing again and adds a
+    new alpha0 only."""
+    train_args = " ".join(["--dataset=tiny", f"--data_dir={tiny_data / 'data'}", "--max_iters=2",
+                           "--eval_interval=2", *TINY])
+    args = [f"--out={tiny_data / 'sweep'}", "--gen_alpha0s=1", "--gen_steps=4,64",
+            "--eval_windows=4", "--num_samples=2", "--device=cpu", f"--train_args={train_args}"]
+    _, out, _ = run("lab.sweep", "--alpha0s=1", *args, cwd=tiny_data)
+    rows = json.loads((tiny_data / "sweep" / "results.json").read_text())
+    assert sorted((r["variant"], r["alpha0"]) for r in rows) == [("B", 0), ("B", 1), ("MDLM", 1)]
+    for r in rows:
+        assert r["nelbo"] > 0 and r["gen_nll_T4"] > 0 and "gen_nll_T64" not in r  # T <= L = 32
+        assert ("exact_k16" in r) == (r["variant"] == "B")
+    assert re.search(r"MDLM +[\d.]+ \+- [\d.]+", out) and (tiny_data / "sweep/results.csv").exists()
+    _, out, _ = run("lab.sweep", "--alpha0s=1,0.5", *args, cwd=tiny_data)
+    rows = json.loads((tiny_data / "sweep" / "results.json").read_text())
+    assert out.count("train.py --alpha0") == 1 and len(rows) == 4  # alpha0 = 0.5 alone
