@@ -149,7 +149,8 @@ if "bench" not in args.skip:
 
 if "official" not in args.skip:
     sys.path.insert(0, ROOT)
-    from lab.convert import official_shapes, write_safetensors  # a random checkpoint in the authors' format
+    from lab.convert import official_shapes  # a random checkpoint in the authors' format:
+    from lab.test_convert import write_safetensors
     V, (n_layer, C) = (256, (1, 32)) if args.smoke else (50257, (12, 768))
     n_head = C // 64 if not args.smoke else 2
     g = torch.Generator().manual_seed(0)

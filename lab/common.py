@@ -11,8 +11,7 @@ from esolm import EsoLM, EsoLMConfig
 
 
 def load_model(out_dir, device="cpu", ema=True):
-    """(model in eval mode, checkpoint) of out_dir/ckpt.pt: its EMA weights when saved and ema is
-    set."""
+    """(model in eval mode, checkpoint) of out_dir/ckpt.pt, with its EMA weights if saved."""
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     model = EsoLM(EsoLMConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema"] if ema and ckpt["ema"] else ckpt["model"])
@@ -20,8 +19,7 @@ def load_model(out_dir, device="cpu", ema=True):
 
 
 def autocast(device, dtype="auto"):
-    """(context, name): bfloat16 autocast on a GPU that has it ("auto") or when asked, else
-    float32."""
+    """(context, name): bf16 autocast when asked, or ("auto") on a GPU with bf16; else float32."""
     if dtype == "auto":
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         dtype = "bfloat16" if bf16 else "float32"

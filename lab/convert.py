@@ -43,18 +43,6 @@ def read_safetensors(path):  # an 8-byte size N, N bytes of JSON {name: {dtype, 
     return out
 
 
-def write_safetensors(path, tensors):  # the tests and .ci/gpu_check.py write the authors' format
-    codes, header, blobs, at = {v: k for k, v in DTYPES.items()}, {}, [], 0
-    for name, t in tensors.items():
-        blobs.append(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        at += len(blobs[-1])
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [at - len(blobs[-1]), at]}
-    head = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
-
-
 def download(repo, file):  # once, as a temporary file renamed when complete
     cache = os.environ.get("ESOLM_CACHE") or os.path.expanduser("~/.cache/esolm")
     path, url = os.path.join(cache, repo, file), HUB_URL.format(repo=repo, file=file)

@@ -1,21 +1,17 @@
 """
 Evaluate checkpoints: likelihoods with standard errors on held-out windows, or the sampling grid
-(sample quality against cost). The same windows, noise and draws for every model (--seed).
+(sample quality against cost), with the same windows, noise and draws for every model (--seed).
 
     python -m lab.evaluate --out_dir=out                       # NELBO, "exact" likelihoods, figures
-    python -m lab.evaluate --out_dir=out --orders=1,16 --windows=256 --alpha0=1
     python -m lab.evaluate --out_dir=out --grid --scorer=out_ar --alpha0s=1,0.25 --steps=16,128 \\
         --grid_orders=random,subcontext,confidence --thresholds=0.5,0.9 --baselines=out_mdlm
 
-Likelihoods, per token, mean +- standard error over the windows: the NELBO (a bound on -log p(x) up
-to the schedule's floor), for (B) the "exact" -log p(x | order) of the one-token-a-call sampler,
-over K orders a bound that tightens with K, and each one's paired difference with the NELBO. With
-matplotlib: curves.png (log.jsonl) and decoding.png (the call that decoded each position).
---grid samples each cell of model x alpha0 x T x order (x tau): the model at --alpha0s (default
-its own), each baseline at its own. Orders: random, subcontext (lab.orders, S = T unless
---subcontext_len), confidence and margin (also at each of --thresholds). A cell: NFE, seconds a
-batch, generative perplexity under --scorer (an alpha0 = 0 model), entropy, and the corpus word
-rate of byte-level data; one that cannot run is skipped. Writes grid.json and grid.png.
+Likelihoods, per token, mean +- standard error over the windows: the NELBO, for (B) the "exact"
+-log p(x | order) of the one-token-a-call sampler over K orders, and its paired difference with
+the NELBO; eval.json, and with matplotlib curves.png and decoding.png. --grid samples each cell
+of model x alpha0 x T x order (x tau), baselines at their own alpha0: NFE, seconds a batch,
+generative perplexity under --scorer (an alpha0 = 0 model), entropy, the corpus word rate of
+byte-level data; grid.json and grid.png. docs/sampling.md has the details.
 """
 import json
 import math

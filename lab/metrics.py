@@ -13,10 +13,9 @@ from lab.common import sync
 
 @torch.no_grad()
 def likelihoods(model, x, alpha0=None, orders=(1, 16), seed=0, batch=32):
-    """{name: per-token values of the windows x}: the NELBO (each window one draw of t and the
-    masks) and, for (B), the "exact" likelihood with K orders for each K in orders, and its paired
-    difference with the NELBO. Each estimate draws from a generator seeded `seed`: the same for
-    every model."""
+    """{name: per-token values of the windows x}: the NELBO (a draw of t and masks a window), for
+    (B) the "exact" likelihood with K orders for each K in orders, and its paired difference with
+    the NELBO. Each estimate draws from a generator seeded `seed`, the same for every model."""
     def per_token(fn):
         g = torch.Generator(x.device).manual_seed(seed)
         rows = [fn(x[i:i + batch], g).float().cpu() for i in range(0, len(x), batch)]
@@ -51,11 +50,10 @@ def corpus_word_rate(texts, vocabulary):
 
 @torch.no_grad()
 def generative_nll(scorer, samples, eot_id, batch=32):
-    """(mean, standard error) of -log p per scored token of the samples under scorer, read as a
-    left-to-right AR model (the sequential forward with every position masked: an alpha0 = 0 model):
-    generative perplexity is exp of it. The official end-of-text rule: every token is scored but
-    end-of-text tokens, save each sample's first. Token-weighted mean; the ratio estimate's standard
-    error over samples."""
+    """(mean, standard error) of -log p per scored token of the samples under scorer (an alpha0 =
+    0 model) read left to right; generative perplexity is its exp. The official end-of-text rule:
+    every token but the end-of-text ones is scored, and each sample's first. A token-weighted mean,
+    the ratio estimate's standard error over samples."""
     nll, count = [], []
     for x in samples.split(batch):
         B, L = x.shape
@@ -79,9 +77,8 @@ def unigram_entropy(row):  # nats, of one sample's token frequencies (the offici
 
 
 def timed_generate(model, n, batch_size, seed, amp, **kw):
-    """(samples (n, L), each sample's NFE, each batch's wall seconds): generate in batches (a prompt
-    of n rows split with them), sample i from stream seed + i, each batch timed between two device
-    syncs."""
+    """(samples (n, L), each one's NFE, each batch's seconds between two device syncs): generate in
+    batches (a prompt of n rows split with them), sample i from stream seed + i."""
     device, xs, nfes, seconds = model.wte.weight.device, [], [], []
     for first in range(0, n, batch_size):
         sync(device)
@@ -99,9 +96,8 @@ def timed_generate(model, n, batch_size, seed, amp, **kw):
 
 
 def sample_cell(model, n, batch_size, seed, amp, scorer=None, eot_id=None, vocabulary=None, **kw):
-    """One cell of a sampling grid: n samples of model.generate(**kw), their mean NFE and seconds a
-    batch, mean unigram entropy, generative NLL under scorer with its standard error, and for byte-
-    level data (vocabulary: the training words) the corpus word rate."""
+    """A cell of a sampling grid: n samples of generate(**kw), their mean NFE, seconds a batch, mean
+    entropy, NLL under scorer and its standard error, and the word rate (vocabulary: bytes')."""
     samples, nfe, seconds = timed_generate(model, n, batch_size, seed, amp, **kw)
     cell = {"nfe": float(nfe.float().mean()), "seconds_per_batch": float(np.mean(seconds)),
             "batch_size": min(batch_size, n),

@@ -1,8 +1,8 @@
 """
-The structured orders of the official code's later versions, a plan for model.generate(plan=...): L / S
-chunks of length S, and call j of the diffusion phase decodes offset j of every chunk, so that at
-alpha0 = 1 each chunk goes left to right, all in parallel, in S calls. With shuffle the offsets come
-in a random order (each row its own), and so do the positions of a call. Only the first
+The structured orders of the official code's later versions, as a plan for generate(plan=...): L / S
+chunks of S positions; call j of the diffusion phase decodes offset j of every chunk, so that at
+alpha0 = 1 each chunk goes left to right, all in parallel, in S calls. With shuffle the offsets
+come in a random order (each row its own), and so do the positions of a call. Only the first
 floor(S alpha0) calls follow the pattern; the sequential phase decodes the rest, left to right.
 
     out = model.generate(8, 1.0, plan=subcontext_plan(model, 8, 1.0, S=16, seed=0), seed=0)

@@ -50,10 +50,22 @@ def official_state_dict(n_layer=2, n_head=2, cond=8, seed=0):
                  "output_layer.adaLN_modulation.bias": r(2 * C)}
 
 
+def write_safetensors(path, tensors):  # the authors' format (.ci/gpu_check.py uses it too)
+    codes, header, blobs, at = {v: k for k, v in conv.DTYPES.items()}, {}, [], 0
+    for name, t in tensors.items():
+        blobs.append(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        at += len(blobs[-1])
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [at - len(blobs[-1]), at]}
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
 def save_official(folder, sd, meta=None):
     """As a bare PyTorchModelHubMixin save: config.json holds only the mask id and the rows."""
     os.makedirs(folder, exist_ok=True)
-    conv.write_safetensors(os.path.join(folder, "model.safetensors"), sd)
+    write_safetensors(os.path.join(folder, "model.safetensors"), sd)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(meta or {"mask_index": V, "vocab_size": V + 1}, f)
     return str(folder)
