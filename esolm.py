@@ -233,7 +233,7 @@ def sample_tokens(logits, u, temperature=1.0, top_p=1.0):
         p_sorted, index = p.sort(-1, descending=True)
         p = p.scatter(-1, index, p_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted >= top_p, 0))
     cdf = p.cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+    return torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
 
 
 def adaptive_score(logits, temperature, rule):

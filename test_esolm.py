@@ -280,6 +280,8 @@ def test_sample_tokens_draws_the_filtered_distribution_exactly():
     freq = torch.bincount(sample_tokens(logits.expand(N, -1), u, 0.7, 1.0), minlength=len(p)).double() / N
     assert (freq - p).abs().max() < 2 / N  # no nucleus: the softmax itself
     assert sample_tokens(logits.expand(3, -1), u[:3], 0.0, 0.5).eq(1).all()  # temperature 0: the argmax
+    # u = 0 exactly (torch.rand can draw it): the first token of positive probability, never one cut
+    assert sample_tokens(logits[None], torch.zeros(1, dtype=torch.float64), 0.7, 0.8).item() in keep
 
 
 def test_generate_hands_the_model_logits_and_each_positions_draw_to_the_samplers():
@@ -601,7 +603,7 @@ def test_the_two_terms_read_disjoint_rows_in_the_split_proportion(monkeypatch):
     mdm, ar = EsoLM._mdm_term, EsoLM._ar_term
     monkeypatch.setattr(EsoLM, "_mdm_term", lambda self, x, *a: seen.setdefault("mdm", x) is None or mdm(self, x, *a))
     monkeypatch.setattr(EsoLM, "_ar_term", lambda self, x, *a: seen.setdefault("ar", x) is None or ar(self, x, *a))
-    for B, split, n_mdm in [(8, 0.5, 4), (8, 0.25, 2), (10, 0.7, 7), (2, 0.9, 1)]:
+    for B, split, n_mdm in [(8, 0.5, 4), (8, 0.25, 2), (10, 0.7, 7), (8, 0.7, 6), (2, 0.9, 1)]:
         seen.clear()
         x = torch.arange(B)[:, None].repeat(1, L) % V  # row i is all i: which rows a term read shows
         model.loss(x, split)
@@ -614,14 +616,14 @@ def test_the_loss_terms_are_each_averaged_over_their_own_rows_tokens(monkeypatch
     model = sharp_model("B", alpha0=0.5)
     monkeypatch.setattr(EsoLM, "_mdm_term", lambda self, x, alpha0, t, g=None: torch.arange(len(x)) + 1.0)
     monkeypatch.setattr(EsoLM, "_ar_term", lambda self, x, alpha0, g=None: 10 * (torch.arange(len(x)) + 1.0))
-    x = torch.zeros(6, L, dtype=torch.long)
-    for loss_type in ("elbo", "low_var"):
+    x = torch.zeros(8, L, dtype=torch.long)
+    for loss_type, split, n in [("elbo", 0.5, 4), ("low_var", 0.25, 2), ("elbo", 0.75, 6)]:
         torch.manual_seed(0)
-        mdm, ar = model.loss(x, 0.5, loss_type)
+        mdm, ar = model.loss(x, split, loss_type)
         torch.manual_seed(0)
-        w = mdm_weight(0.5, stratified_t(3, "cpu")) if loss_type == "elbo" else torch.ones(3)
-        torch.testing.assert_close(mdm, (w * torch.tensor([1.0, 2, 3])).sum() / (3 * L))
-        torch.testing.assert_close(ar, torch.tensor(60.0 / (3 * L)))
+        w = mdm_weight(0.5, stratified_t(n, "cpu")) if loss_type == "elbo" else torch.ones(n)
+        torch.testing.assert_close(mdm, (w * (torch.arange(n) + 1.0)).sum() / (n * L))
+        torch.testing.assert_close(ar, 10 * (torch.arange(8 - n) + 1.0).sum() / ((8 - n) * L))
 
 
 def test_the_loss_is_the_nelbo_per_token_in_expectation():
