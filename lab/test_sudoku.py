@@ -6,6 +6,7 @@ generate call, and the three commands end to end on a tiny model.
 """
 import hashlib
 import importlib.util
+import itertools
 import json
 from types import SimpleNamespace
 
@@ -86,6 +87,14 @@ def test_validity_has_a_counter_example_for_each_rule(root):
         (True, True, True), (True, True, False), (False, True, True), (True, False, True)]
     assert sudoku.valid_sudoku(np.stack([grid, latin, rows, cols, masked])).tolist() == [
         True, False, False, False, False]
+    # a grid whose every unit still sums to 36 (0 + ... + 8): +1, -1 at the corners of a rectangle
+    for r, c in itertools.product((1, 2), range(3, 9)):  # rows of one band, columns of two boxes
+        sums = grid.copy()
+        sums[[0, r, 0, r], [0, c, c, 0]] += [1, 1, -1, -1]
+        if sums.min() >= 0 and sums.max() <= 8 and not all(rules(sums)):
+            break
+    units = sums.reshape(81)[sudoku.UNITS]
+    assert (units.sum(1) == 36).all() and not sudoku.valid_sudoku(sums[None])[0]
 
 
 class Known(torch.nn.Module):
@@ -146,7 +155,7 @@ def test_puzzles_of_any_givens_decode_in_one_call(root, adaptive, threshold):
     assert out["all"]["nfe"] == pytest.approx(nfe.double().mean().item())
 
 
-def test_train_and_solve_commands(root, tmp_path, capfd):
+def test_train_and_solve_commands(root, tmp_path, capfd, monkeypatch):
     """train: train.py with the preset (L = 81, pos_emb, low_var; the command line wins); solve:
     every model x alpha0 x order x threshold, written to sudoku.json."""
     out = tmp_path / "out"
@@ -158,9 +167,14 @@ def test_train_and_solve_commands(root, tmp_path, capfd):
                              if line.startswith("{")))
     assert end.value.code == 0 and config["block_size"] == 81 and config["pos_emb"] is True
     assert (config["loss_type"], config["batch_size"], config["max_iters"]) == ("low_var", 8, 4)
+    seen, timed = [], sudoku.timed_generate
+    monkeypatch.setattr(sudoku, "timed_generate", lambda *a, **kw: seen.append(kw) or timed(*a, **kw))
     sudoku.main(["solve", f"--out_dir={out}", "--puzzles=12", "--alpha0s=0,0.5", "--steps=200",
                  "--thresholds=0.9", "--device=cpu"])
     cells = json.loads((out / "sudoku.json").read_text())["cells"]
+    assert [(kw["alpha0"], kw["adaptive"], kw["threshold"], kw["steps"]) for kw in seen] == [
+        (c["alpha0"], c["order"] if c["order"] in sudoku.ADAPTIVE else None, c["threshold"], 200)
+        for c in cells]  # what each cell says reached generate
     assert [(c["alpha0"], c["order"], c["threshold"]) for c in cells] == [
         (0.5, "random", None), (0.5, "confidence", None), (0.5, "confidence", 0.9),
         (0.5, "margin", None), (0.5, "margin", 0.9), (0, "left to right", None)]

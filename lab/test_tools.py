@@ -1,5 +1,6 @@
 """The lab's tools that the scripts' tests do not cover: the structured orders, the compiled call,
 evaluate's likelihoods and grid, and the sample metrics."""
+import contextlib
 import json
 import math
 import re
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 from lab import compiled as compiled_module
+from lab import metrics
 from lab.common import held_out, load_model, mean_se
 from lab.compiled import bucket, compiled
 from lab.conftest import TINY, run
-from lab.metrics import corpus_word_rate, generative_nll, likelihoods, words
+from lab.metrics import corpus_word_rate, generative_nll, likelihoods, timed_generate, words
 from lab.orders import subcontext_plan
 from test_esolm import V, assert_same_run, gen, sharp_model
 
@@ -209,3 +211,19 @@ def test_a_tiny_sweep_trains_scores_and_resumes(tiny_data):
     _, out, _ = run("lab.sweep", "--alpha0s=1,0.5", *args, cwd=tiny_data)
     rows = json.loads((tiny_data / "sweep" / "results.json").read_text())
     assert out.count("train.py --alpha0") == 1 and len(rows) == 4  # alpha0 = 0.5 alone
+
+
+def test_timed_generate_is_one_generate_call_split_in_batches(monkeypatch):
+    """Row b draws from seed + b, so batches of 2 give the samples of one call, per-row prompts
+    split with them; sample_cell hands every setting through."""
+    model, M = sharp_model("B"), V
+    prompts = torch.tensor([[2, 7, M, 1], [M, M, 3, M], [5, M, M, M], [M, 4, M, 8], [9, M, 0, M]])
+    kw = dict(alpha0=0.5, steps=4, temperature=0.7, top_p=0.8, adaptive="margin", threshold=0.4)
+    x, nfe, seconds = timed_generate(model, 5, 2, 3, contextlib.nullcontext(), prompt=prompts, **kw)
+    want = model.generate(5, prompt=prompts, seed=3, **kw)
+    assert torch.equal(x, want.x) and torch.equal(nfe, want.nfe) and len(seconds) == 3
+    seen = []
+    monkeypatch.setattr(metrics, "timed_generate", lambda *a, **k: seen.append((a, k)) or (
+        want.x, want.nfe, [1.0]))
+    cell = metrics.sample_cell(model, 5, 2, 3, "amp", **kw)
+    assert seen == [((model, 5, 2, 3, "amp"), kw)] and cell["nfe"] == want.nfe.float().mean()
