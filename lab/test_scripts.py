@@ -106,8 +106,11 @@ def test_shards_roll_over_and_their_header_is_checked(corpus, tmp_path):
     assert writer.names == ["big_000.bin", "big_001.bin"] and np.array_equal(
         np.concatenate([read_shard(tmp_path / n) for n in writer.names]), np.arange(1000) * 1000)
     raw = (tmp_path / "big_001.bin").read_bytes()
-    for name, bad, match in [("cut", raw[:-3], "truncated"), ("foreign", b"\0" * 100, "not a version-1 token shard"),
-                             ("v2", raw[:8] + (2).to_bytes(4, "little") + raw[12:], "not a version-1")]:
+    for name, bad, match in [("cut", raw[:-3], "truncated"), ("long", raw + b"\0\0", "not 400 tokens"),
+                             ("foreign", b"\0" * 100, "not a version-1 token shard"),
+                             ("v2", raw[:8] + (2).to_bytes(4, "little") + raw[12:], "not a version-1"),
+                             *[(f"item{k}", raw[:12] + k.to_bytes(4, "little") + raw[16:], "not a version-1")
+                               for k in (1, 8)]]:
         with pytest.raises(ValueError, match=match):
             read_shard(write(tmp_path / f"{name}.bin", bad))
 
@@ -130,6 +133,9 @@ def test_windows_are_every_contiguous_slice_of_every_shard(tmp_path):
     meta = json.loads((folder / "meta.json").read_text()) | {"record_len": 5}
     (folder / "meta.json").write_text(json.dumps(meta))
     assert [w.tolist()[0] for w in Windows(tmp_path, "w", "train", 5)] == [0, 5, 10, 15, 20]  # whole records
+    for L in (4, 10):  # a window must be one record, no more, no less
+        with pytest.raises(ValueError, match="records of 5 tokens: block_size must be that"):
+            Windows(tmp_path, "w", "train", L)
 
 
 def test_gpt2_tokens(corpus, tmp_path):
@@ -251,6 +257,77 @@ def test_the_settings_reach_the_objective(tiny_data, a, b):
         assert logs[0]["mdm"] != logs[1]["mdm"] and logs[0]["ar"] != logs[1]["ar"]
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_train_py_is_the_documented_loop(tiny_data, ema):
+    """train.py against its loop written again here from the documented draws, at settings away
+    from their defaults (dropout, weight decay, two micro-steps, warmup then cosine, no clip, an EMA
+    or none): each iteration's lr, loss and grad norm, each evaluation (eval mode, fixed windows and
+    noise, the EMA when there is one), the best validation NELBO and the final weights."""
+    out = train(tiny_data, f"out_loop_{ema}", "--max_iters=4", "--eval_interval=2", "--log_interval=1",
+                "--dropout=0.1", "--weight_decay=0.5", "--gradient_accumulation_steps=2", "--warmup_iters=2",
+                "--lr_decay_iters=5", "--grad_clip=0", f"--ema={ema}", "--batch_size=3", "--eval_iters=2")
+    log, ckpt = records(out), torch.load(out / "ckpt.pt", weights_only=True)
+    cfg, L = ckpt["train_config"], 32
+    windows = {s: Windows(tiny_data / "data", "tiny", s, L) for s in ("train", "val")}
+
+    def seed_for(*keys):
+        return int(np.random.SeedSequence([cfg["seed"], *keys]).generate_state(1)[0])
+
+    def batch(split, rng):
+        return windows[split].batch(rng.integers(0, len(windows[split]), size=3))
+
+    def evaluate(m):  # both splits from the same fixed draws, in eval mode
+        m.eval()
+        out = {}
+        for split in ("train", "val"):
+            rng, gen = np.random.default_rng(seed_for(2**31, 0)), torch.Generator().manual_seed(seed_for(2**31, 1))
+            with torch.no_grad():
+                out[split] = sum(m.nelbo(batch(split, rng), generator=gen).mean().item() for _ in range(2)) / 2 / L
+        return out
+
+    torch.manual_seed(cfg["seed"])
+    model = EsoLM(EsoLMConfig(**ckpt["model_config"]))
+    average = EsoLM(EsoLMConfig(**ckpt["model_config"])) if ema else None
+    if average:
+        average.load_state_dict(model.state_dict())
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.5},
+                                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0}],
+                                  betas=(0.9, 0.999))
+    lr_max, lr_min, logged = cfg["learning_rate"], cfg["min_lr"], {r["iter"]: r for r in log if "loss" in r}
+    evals = {r["iter"]: r for r in log if "val" in r}
+    for it in range(5):
+        if it % 2 == 0:
+            assert evaluate(average or model) == pytest.approx({k: evals[it][k] for k in ("train", "val")}, rel=1e-5)
+        if it == 4:
+            break
+        # warmup: lr (it + 1) / 2; then a cosine from lr_max at it = 2 to lr_min at it = 5
+        lr = lr_max * (it + 1) / 2 if it < 2 else lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * (it - 2) / 3)) / 2
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        torch.manual_seed(seed_for(0, it))
+        rng, terms = np.random.default_rng(seed_for(0, it, 0)), 0.0
+        for _ in range(2):
+            mdm, ar = model.loss(batch("train", rng), cfg["batch_split"], cfg["loss_type"])
+            ((mdm + ar) / 2).backward()
+            terms += (mdm + ar).item() / 2
+        norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters()))
+        optimizer.step()
+        optimizer.zero_grad()
+        if average:  # the official warm-up: update n = it + 1 decays by min(ema, (1 + n) / (10 + n))
+            with torch.no_grad():
+                for a, p in zip(average.parameters(), model.parameters()):
+                    a.lerp_(p, 1 - min(ema, (it + 2) / (it + 11)))
+        r = logged[it + 1]
+        assert (r["lr"], r["loss"], r["grad_norm"]) == pytest.approx((lr, terms, norm), rel=1e-5)
+    assert ckpt["best_val_loss"] == min(r["val"] for r in evals.values())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-5, atol=1e-6)
+        if average:
+            torch.testing.assert_close(ckpt["ema"][k], average.state_dict()[k], rtol=1e-5, atol=1e-6)
+
+
 def test_one_ema_update_and_its_warm_up(tiny_data):
     """One step with --ema: the EMA is init + (1 - d)(trained - init), d = min(ema, 2 / 11) (the
     official warm-up, update n = 1); 30 steps at 0.9999 end far closer to the trained weights than
@@ -283,6 +360,15 @@ def test_resume_repeats_the_uninterrupted_run(tiny_data):
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if k in ("loss", "val", "grad_norm")} == pytest.approx(
             {k: v for k, v in rb.items() if k in ("loss", "val", "grad_norm")}, rel=1e-6)
+
+
+def test_resume_keeps_the_best_validation_nelbo(tiny_data):
+    out = train(tiny_data, "out_best", "--max_iters=2", "--eval_interval=2")
+    run("train.py", "--dataset=tiny", f"--out_dir={out}", *TINY, "--max_iters=4", "--eval_interval=2",
+        "--init_from=resume", "--learning_rate=3", cwd=tiny_data)  # steps too large: worse after
+    vals = [r["val"] for r in records(out) if "val" in r]
+    assert len(vals) == 3 and vals[-1] > min(vals)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["best_val_loss"] == min(vals)
 
 
 def test_fine_tuning_starts_from_a_checkpoints_weights(tiny_data, trained):
