@@ -152,9 +152,9 @@ def visible(q, j, prefix):  # causal, but the first `prefix` ((A)'s clean block)
 
 
 def diffusion_mask(prefix, L, variant):
-    """(B, 1, L, L): the diffusion forward over z_t, clean first (README has pictures). In (B) a
-    clean token sees only the clean ones before it, so its keys and values can be cached; prefix
-    (B,): (A)'s clean block, which sees itself both ways. MDLM sees all."""
+    """(B, 1, L, L): the diffusion forward over z_t, clean first (README: pictures). In (B) a clean
+    token sees only those before it: its keys and values can be cached. prefix (B,): (A)'s clean
+    block, which sees itself both ways. MDLM sees all."""
     i = torch.arange(L, device=prefix.device)
     block = {"A": prefix, "B": 0 * prefix, "MDLM": torch.full_like(prefix, L)}[variant]
     return visible(i, i, block[:, None, None]).unsqueeze(1)
@@ -201,17 +201,15 @@ def clean_first_order(clean, shuffle, generator=None):  # (B, L): clean first, t
 # order (B, L): the positions in generation order, given tokens first. ks (B, N): the tokens each
 # diffusion call decodes, 0 after a row's last; the sequential phase decodes the rest.
 Plan = namedtuple("Plan", "order ks")
-# x (B, L): the samples; decoded_by (B, L): each position's call (0: given); nfe (B,): the calls
-Samples = namedtuple("Samples", "x decoded_by nfe")
-# cuDNN attention builds a plan for each new shape, and a cached call's shapes change every call
+Samples = namedtuple("Samples", "x decoded_by nfe")  # decoded_by: each position's call (0: given)
 SAMPLER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def random_plan(to_gen, alpha0, steps, u):
-    """The paper's plan for the positions to_gen (B, L), from uniforms u (2, B, L). T = steps steps,
-    t = 1 to 0: step t -> s reveals Binomial(masks left, (a_s - a_t) / (1 - a_t)), the law of giving
-    each mask the step that reveals it, or none; a step revealing nothing makes no call. Slots: the
-    given tokens (random, as z0's clean ones; at alpha0 = 0 in order), each step's, the rest."""
+    """The paper's plan for the positions to_gen (B, L), from uniforms u (2, B, L). T steps, t = 1
+    to 0: step t -> s reveals Binomial(masks left, (a_s - a_t) / (1 - a_t)): each mask gets the step
+    that reveals it, or none; a step revealing nothing makes no call. Slots: the given tokens
+    (random, as z0's clean ones; at alpha0 = 0 in order), each step's, the rest."""
     (B, L), dev = to_gen.shape, to_gen.device
     a = alpha_t(alpha0, torch.linspace(1, 0, steps + 1, dtype=torch.float64, device=dev))
     p = torch.cat([a.diff(), 1 - a[-1:]]) / (1 - a[0])  # P(revealed at step i), then P(never)
@@ -250,11 +248,9 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
         return self(zs, order, mask)
 
     def sequential_forward(self, xs, order, n_clean):
-        """The AR term's forward over xs, x in sorted order (z0's clean tokens, then its masks left
-        to right): the masks' hidden states (B, M, C), sorted indices s (B, M) and `valid` (B,
-        M)."""
-        B, L = xs.shape
-        M = int((L - n_clean).max())
+        """The AR term's forward over x in sorted order, xs (z0's clean tokens, then its masks left
+        to right): the masks' hidden states (B, M, C), sorted indices s and `valid` (B, M)."""
+        L, M = xs.size(1), int((xs.size(1) - n_clean).max())
         r = torch.arange(M, device=xs.device)
         valid = r < (L - n_clean)[:, None]
         s = (n_clean[:, None] + r).clamp(max=L - 1)  # padding reuses index L - 1, never read
@@ -266,9 +262,8 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
     # The NELBO. Generation goes all masks -> z0 (the diffusion phase) -> x (left to right), so
     #   -log p(x) <= AR term (-log p(x | z0), teacher-forced) + MDM term (MDLM's bound on z0)
     def nelbo(self, x, alpha0=None, generator=None):
-        """A one-draw estimate of each row's NELBO in nats, both terms on every row of x (B, L),
-        each row its own t; alpha0: default the model's. A bound, up to the schedule's floor
-        (README)."""
+        """One draw of each row's NELBO in nats, both terms on every row of x (B, L), each row its
+        own t; alpha0: default the model's. A bound, up to the schedule's floor (README)."""
         alpha0 = self.check_x(x, alpha0, "nelbo")
         t = EPS + (1 - EPS) * torch.rand(x.size(0), device=x.device, generator=generator)
         mdm_nll = self._mdm_term(x, alpha0, t, generator)
@@ -298,8 +293,7 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
             return torch.zeros(B, device=x.device)
         u = torch.rand(B, L, device=x.device, generator=generator)
         masked = u < 1 - alpha_t(alpha0, t)[:, None]
-        # clean first, then masks, each in a random order: a layout the sampler makes (decoded so
-        # far, then decoding now), so (B)'s causal attention trains on the contexts it samples with
+        # clean, then masks, each in a random order: as (B) samples (decoded so far, decoding now)
         order = (torch.rand(B, L, device=x.device, generator=generator) + masked).argsort(1)
         xs, ms = x.gather(1, order), masked.gather(1, order)
         h = self.diffusion_forward(xs.masked_fill(ms, self.mask_id), order, L - ms.sum(1))
@@ -310,8 +304,7 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
         masked = torch.rand(B, L, device=x.device, generator=generator) < 1 - alpha0  # M(z0)
         if not masked.any():
             return torch.zeros(B, device=x.device)
-        # z0's clean tokens, then its masks left to right, as the sampler decodes them; (B)'s clean
-        # ones in a random order, as its diffusion phase decodes them ((A)'s see each other)
+        # as the sampler decodes: z0's clean tokens ((B): in a random order), then its masks in turn
         order = clean_first_order(~masked, self.config.variant == "B", generator)
         return self._sequential_nll(x, order, L - masked.sum(1))
 
@@ -322,17 +315,16 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
 
     @torch.no_grad()
     def exact_nll(self, x, alpha0=None, num_orders=1, generator=None):
-        """-log mean_k p(x | order_k) over K = num_orders orders, nats per row: decoding a token a
-        call, (B) is an AR model over its order, scored exactly by one sequential forward; over K
-        orders, a bound on -log p(x) that tightens with K. Orders as the sampler's, a row its
-        own."""
+        """-log mean_k p(x | order_k) over K = num_orders orders (as the sampler's, a row its own),
+        nats per row: decoding a token a call, (B) is an AR model over its order, scored exactly by
+        one sequential forward; over K orders, a bound on -log p(x) that tightens with K."""
         alpha0 = self.check_x(x, alpha0, "exact_nll")
         need(self.config.variant == "B", "exact_nll: needs variant B (A's clean tokens see both)")
         need(isinstance(num_orders, int) and num_orders >= 1, "exact_nll: num_orders must be >= 1")
         (B, L), no_clean = x.shape, torch.zeros(x.size(0), dtype=torch.long, device=x.device)
         p = (alpha_t(alpha0, 0.0) - alpha_t(alpha0, 1.0)) / (1 - alpha_t(alpha0, 1.0))
         log_p = []
-        for _ in range(num_orders):
+        for _ in range(num_orders):  # the diffusion positions as the sampler draws them
             diffusion = torch.rand(B, L, device=x.device, generator=generator) < p
             order = clean_first_order(diffusion, True, generator)
             log_p.append(-self._sequential_nll(x, order, no_clean))
@@ -350,10 +342,9 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
                  net=None, seed=0):
         """Sample num_samples sequences: Samples. alpha0: default the model's; steps: T (default L).
         prompt: ids (P,) or (B, P), P <= L; a mask id is a position to generate, any number a row.
-        plan: instead of random_plan's. adaptive, "confidence" or "margin": each diffusion call
-        decodes the masks the model is surest of, as many as planned or all that score threshold
-        (one at least). kv_cache=False: the reference, a full forward a call. net: a compiled model
-        for the cached calls. seed: row b draws from its generator seeded seed + b, in any batch."""
+        plan: instead of random_plan's. adaptive ("confidence", "margin"): a diffusion call decodes
+        the masks the model is surest of, as many as planned or all that score threshold (>= 1).
+        kv_cache=False: the reference. net: a compiled model. seed: row b draws from seed + b."""
         (L, V), variant = (self.config.block_size, self.config.vocab_size), self.config.variant
         alpha0 = check_alpha0(self.config.alpha0 if alpha0 is None else alpha0, variant, "generate")
         kv_cache = kv_cache and variant != "MDLM"  # MDLM has none: its tokens see each other
@@ -379,8 +370,8 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
         zs, order = z.gather(1, plan.order), plan.order.clone()
         score = adaptive and (lambda logits: adaptive_score(logits, temperature, adaptive))
 
-        def pick(logits, write):  # the tokens of the slots write marks, each at its position's u
-            return sample_tokens(logits, u[2].gather(1, order)[write].double(), temperature, top_p)
+        def pick(logits, rows, pos):  # a token for each (row, position), at its own uniform
+            return sample_tokens(logits, u[2, rows, pos].double(), temperature, top_p)
 
         was_training = self.training
         calls = self.eval().decode(zs, Plan(order, plan.ks), pick, score, threshold, kv_cache, net)
@@ -389,21 +380,22 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
         return Samples(zs.gather(1, unsort), calls.gather(1, unsort), calls.amax(1))
 
     def decode(self, zs, plan, pick, score=None, threshold=None, kv_cache=True, net=None):
-        """Run a plan's calls on zs (B, L), the sorted canvas, filling its masks; returns each
-        slot's call. pick(logits, write): the ids of the slots write marks. score: adaptive."""
-        (B, L), order, dev, c = zs.shape, plan.order, zs.device, self.config
-        slot = torch.arange(L + 1, device=dev)
+        """Run a plan's calls on zs (B, L), the sorted canvas, in place (plan.order: as decoded);
+        returns each slot's call. pick(logits, rows, positions): the ids. score: adaptive. Without
+        net (static shapes), the rows done leave once they are half the batch: calls cost less."""
+        (B, L), dev, c = zs.shape, zs.device, self.config
+        slot, rows = torch.arange(L + 1, device=dev), torch.arange(B, device=dev)
+        order, ks, calls, j = plan.order, plan.ks, torch.zeros_like(zs), 0
+        batch = zs, order, calls  # the caller's: the working rows are written back as rows leave
         d = (zs != self.mask_id).sum(1)  # (B,): the slots each row has decoded, given ones first
-        switch = d + plan.ks.sum(1)  # where each row's sequential phase starts
-        d_prev, calls, j = torch.zeros_like(d), torch.zeros_like(zs), 0
+        switch, d_prev = d + ks.sum(1), torch.zeros_like(d)  # where the sequential phase starts
         shape, dtype = (B, c.n_head, L + 1, c.n_embd // c.n_head), self.compute_dtype()
         for a in (block.attn for block in self.blocks if kv_cache):  # zeros: masks hide finite only
             if a.k_cache is None or (a.k_cache.shape, a.k_cache.dtype) != (shape, dtype):
                 a.k_cache, a.v_cache = (torch.zeros(shape, dtype=dtype, device=dev) for _ in "kv")
         while True:
-            planned = plan.ks[:, j] if j < plan.ks.size(1) else 0
-            k = torch.where(d < switch, planned, (d < L).long())  # the sequential phase: one a call
-            adapt = (d < switch) & (score is not None)
+            k = torch.where(d < switch, ks[:, j] if j < ks.size(1) else 0, (d < L).long())
+            adapt = (d < switch) & (score is not None)  # k: as planned; in the sequential phase, 1
             n = torch.where(adapt, L - d, k)  # the masks read; adaptive: every one left
             # a call feeds slots [n_cached, d + n): what the last call decoded (now clean), then the
             # masks it reads. (B) caches what the last call fed; (A) once its clean block is frozen
@@ -412,17 +404,25 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
             fed = torch.where(d < L, d + n - n_cached, 0)
             W, n_max, left, starting = torch.stack(
                 [fed.max(), n.max(), (d < L).sum(), ((d == switch) & (d < L)).sum()]).tolist()
-            if not left:
-                return calls
+            if not left or net is None and 2 * left <= len(rows):  # rows done leave the batch
+                for whole, part in zip(batch, (zs, order, calls) if len(rows) < B else ()):
+                    whole[rows] = part  # the working rows are copies once some have left
+                if not left:
+                    return batch[2]
+                keep = (d < L).nonzero()[:, 0]
+                rows, zs, order, ks, calls, d, d_prev, switch = (
+                    t[keep] for t in (rows, zs, order, ks, calls, d, d_prev, switch))
+                for a in (block.attn for block in self.blocks if kv_cache):
+                    a.k_cache, a.v_cache = a.k_cache[keep], a.v_cache[keep]
+                continue  # this call, again, for the rows left
             j += 1
             if starting:  # the sequential phase goes left to right: its masks, alike, by position
                 tail = (slot[:L] >= switch[:, None]) & (d == switch)[:, None]
                 order.copy_(order.gather(1, torch.where(tail, L + order, slot[:L]).argsort(1)))
-            with sdpa_kernel(SAMPLER_ATTENTION):
+            with sdpa_kernel(SAMPLER_ATTENTION):  # not cuDNN's, which plans each new shape anew
                 if kv_cache:
-                    # each row feeds its own slots, padded to W with masks sent to the sink. The
-                    # masks not fed come after every fed token in the row's order, so leaving them
-                    # out changes nothing; each will be fed again before it is cached
+                    # a row feeds its slots, padded to W with masks sent to the sink. A mask not fed
+                    # comes after every fed token in its row's order, so leaving it out is exact
                     s = torch.where(slot[:W] < fed[:, None], n_cached[:, None] + slot[:W], L)
                     g, mask = s.clamp(max=L - 1), visible(s, slot, prefix[:, None, None])
                     idx = zs.gather(1, g).masked_fill(s == L, self.mask_id)
@@ -432,7 +432,7 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
                     h, first = self.diffusion_forward(zs, order, prefix), d
             i = (first[:, None] + slot[:n_max]).clamp(max=h.size(1) - 1)  # the masks' rows of h
             logits = self.lm_head(h.gather(1, i[..., None].expand(-1, -1, h.size(-1))))
-            perm = slot[:n_max].expand(B, n_max)  # which mask read goes to slot d + i
+            perm = slot[:n_max].expand(len(zs), n_max)  # which mask read goes to slot d + i
             if score is not None:  # the k best to the next slots, the others after them in order
                 s = score(logits).masked_fill(slot[:n_max] >= n[:, None], -1)  # padding last
                 if threshold is not None:
@@ -445,6 +445,6 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
             take = slot[:n_max] < k[:, None]
             write = (slot[:L] >= d[:, None]) & (slot[:L] < (d + k)[:, None])
             r, i = take.nonzero(as_tuple=True)  # row by row, in slot order: as write marks them
-            zs[write] = pick(logits[r, perm[r, i]], write)
+            zs[write] = pick(logits[r, perm[r, i]], rows[r], order[write])
             calls[write] = j
             d_prev, d = d, d + k

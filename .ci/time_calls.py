@@ -42,7 +42,7 @@ results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"
            "dtype": dtype, "batch": B, "L": L, "size": size, "nfe": plan.ks.size(1)}
 
 
-def no_sampling(logits, write):
+def no_sampling(logits, rows, pos):
     return torch.full((logits.size(0),), logits.size(1), device=logits.device)
 
 

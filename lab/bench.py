@@ -153,7 +153,7 @@ def throughput(cfg, L, B, m, run, net):  # as profile_throughput: plans drawn, c
         mdlm = mdlm._replace(ks=torch.ones(B, n, dtype=torch.long, device=dev))
     clean = torch.arange(L, device=dev) < L - mdlm.ks.sum(1, keepdim=True)
 
-    def no_sampling(logits, write):  # the mask id (V, the logits' width), as the official timing
+    def no_sampling(logits, rows, pos):  # the mask id (V, the logits' width): no sampling
         return torch.full((logits.size(0),), logits.size(1), device=logits.device)
 
     def calls(v, p, canvas=masks, **options):  # adaptive reorders p's order: a copy

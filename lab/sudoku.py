@@ -173,6 +173,7 @@ class Solve:
     orders: tuple[str, ...] = ("random", *ADAPTIVE)  # at alpha0 = 0: left to right, one cell
     thresholds: tuple[float, ...] = ()  # adaptive: a cell a tau beside the plan's k
     steps: int = 1024  # T: about one cell a call
+    temperature: float = 1.0  # of the digits and the scores (0: the likeliest digit)
     seed: int = 0  # the same draws for every model
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # bfloat16 on a GPU
 
@@ -194,7 +195,7 @@ def solve(argv=None):
              for t in ((None, *cfg.thresholds) if o in ADAPTIVE else [None])]
     for c in cells:
         c |= solve_rate(models[c["model"]][0], puzzles, cfg.seed, amp, alpha0=c["alpha0"],
-                        steps=cfg.steps, threshold=c["threshold"],
+                        steps=cfg.steps, threshold=c["threshold"], temperature=cfg.temperature,
                         adaptive=c["order"] if c["order"] in ADAPTIVE else None)
         print("{model} alpha0={alpha0:g} {order} tau={threshold}: {seconds:.1f} s".format(**c),
               *(f"{k} {v['solved']:.1%} +- {v['se']:.1%} NFE {v['nfe']:.1f}" for k, v in c.items()

@@ -198,7 +198,7 @@ def test_official_cached_sampler(official, alpha0, steps):
     folder, sd = official
     model, B, seed, per_call = tiny(folder), 2, 3, []
     hook = model.lm_head.register_forward_hook(lambda module, inputs, out: per_call.append(out))
-    out = model.generate(B, alpha0, steps, seed=seed)
+    out = model.generate(B, alpha0, steps, seed=seed, net=model)  # net: every row, every call
     hook.remove()
     u = torch.stack([torch.rand(3, L, generator=torch.Generator().manual_seed(seed + b))
                      for b in range(B)], 1)

@@ -170,10 +170,10 @@ def test_train_and_solve_commands(root, tmp_path, capfd, monkeypatch):
     seen, timed = [], sudoku.timed_generate
     monkeypatch.setattr(sudoku, "timed_generate", lambda *a, **kw: seen.append(kw) or timed(*a, **kw))
     sudoku.main(["solve", f"--out_dir={out}", "--puzzles=12", "--alpha0s=0,0.5", "--steps=200",
-                 "--thresholds=0.9", "--device=cpu"])
+                 "--thresholds=0.9", "--device=cpu", "--temperature=0.5"])
     cells = json.loads((out / "sudoku.json").read_text())["cells"]
-    assert [(kw["alpha0"], kw["adaptive"], kw["threshold"], kw["steps"]) for kw in seen] == [
-        (c["alpha0"], c["order"] if c["order"] in sudoku.ADAPTIVE else None, c["threshold"], 200)
+    assert [(kw["alpha0"], kw["adaptive"], kw["threshold"], kw["steps"], kw["temperature"]) for kw in seen] == [
+        (c["alpha0"], c["order"] if c["order"] in sudoku.ADAPTIVE else None, c["threshold"], 200, 0.5)
         for c in cells]  # what each cell says reached generate
     assert [(c["alpha0"], c["order"], c["threshold"]) for c in cells] == [
         (0.5, "random", None), (0.5, "confidence", None), (0.5, "confidence", 0.9),
