@@ -191,9 +191,8 @@ def main(argv=None):
         results[key] = {"mean": mean, "se": se}
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
-    log = os.path.exists(os.path.join(cfg.out_dir, "log.jsonl"))
-    plt = pyplot("plots") if cfg.plots and log else None
-    if plt is not None:
+    logged = os.path.exists(os.path.join(cfg.out_dir, "log.jsonl"))
+    if cfg.plots and logged and (plt := pyplot("plots")):
         plot_training(cfg, model, amp, plt)
         print(f"wrote {cfg.out_dir}/eval.json, curves.png and decoding.png")
     return results

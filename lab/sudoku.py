@@ -150,8 +150,7 @@ def train(argv):  # train.py with the Sudoku preset (after build)
     sys.exit(subprocess.run([sys.executable, script, *flags]).returncode)
 
 
-def solve_rate(model, puzzles, seed, amp, **kw):  # solved: a valid grid that keeps the givens
-    # one call, any givens (a schedule a row); row i draws from seed + i
+def solve_rate(model, puzzles, seed, amp, **kw):  # one call; solved: valid, keeping the givens
     n, prompt = len(puzzles), puzzles.to(model.wte.weight.device)
     x, nfe, seconds = timed_generate(model, n, n, seed, amp, prompt=prompt, **kw)
     x, nfe, given = x.cpu(), nfe.float(), puzzles != model.mask_id
