@@ -1,7 +1,7 @@
 """
 Esoteric Language Models (Eso-LMs, arXiv 2506.01928): one transformer, both a masked diffusion model
 (MDM) and an autoregressive (AR) model, its NELBO, and a sampler with an exact KV cache. README.md
-has the notation and the pictures. Sizes: B rows, n tokens, C channels, nh heads, L the length.
+has the notation and the pictures. Sizes: B rows, n tokens, C channels, nh heads of hs, L long.
 """
 import math
 from collections import namedtuple
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rope_cos", cos)  # saved: a converted model brings its own tables
         self.register_buffer("rope_sin", sin)
-        for name, p in self.named_parameters():  # GPT-2's init, residual projections / sqrt(2 L)
+        for name, p in self.named_parameters():  # GPT-2's init; residual outputs / sqrt(2 n_layer)
             if p.dim() == 2:
                 scale = math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 1
                 nn.init.normal_(p, std=0.02 / scale)
@@ -223,7 +223,7 @@ def random_plan(to_gen, alpha0, steps, u):
 
 def sample_tokens(logits, u, temperature=1.0, top_p=1.0):
     """A token per row of logits (..., V): the inverse CDF at u of softmax(logits / temperature), in
-    float64, nucleus-filtered (the likeliest tokens until their mass reaches top_p). 0: argmax."""
+    float64, nucleus-filtered (the likeliest until their mass reaches top_p). T = 0: argmax."""
     if temperature == 0:
         return logits.argmax(-1)
     p = (logits.double() / temperature).softmax(-1)
@@ -381,8 +381,8 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
 
     def decode(self, zs, plan, pick, score=None, threshold=None, kv_cache=True, net=None):
         """Run a plan's calls on zs (B, L), the sorted canvas, in place (plan.order: as decoded);
-        returns each slot's call. pick(logits, rows, positions): the ids. score: adaptive. Without
-        net (static shapes), the rows done leave once they are half the batch: calls cost less."""
+        returns each slot's call. pick(logits, rows, positions): the ids. score: adaptive. Unless a
+        net (its shapes must stay) is given, rows done leave once they are half the batch."""
         (B, L), dev, c = zs.shape, zs.device, self.config
         slot, rows = torch.arange(L + 1, device=dev), torch.arange(B, device=dev)
         order, ks, calls, j = plan.order, plan.ks, torch.zeros_like(zs), 0
@@ -390,7 +390,7 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
         d = (zs != self.mask_id).sum(1)  # (B,): the slots each row has decoded, given ones first
         switch, d_prev = d + ks.sum(1), torch.zeros_like(d)  # where the sequential phase starts
         shape, dtype = (B, c.n_head, L + 1, c.n_embd // c.n_head), self.compute_dtype()
-        for a in (block.attn for block in self.blocks if kv_cache):  # zeros: masks hide finite only
+        for a in (block.attn for block in self.blocks if kv_cache):  # zeros: -inf hides finite only
             if a.k_cache is None or (a.k_cache.shape, a.k_cache.dtype) != (shape, dtype):
                 a.k_cache, a.v_cache = (torch.zeros(shape, dtype=dtype, device=dev) for _ in "kv")
         while True:
@@ -398,7 +398,7 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
             adapt = (d < switch) & (score is not None)  # k: as planned; in the sequential phase, 1
             n = torch.where(adapt, L - d, k)  # the masks read; adaptive: every one left
             # a call feeds slots [n_cached, d + n): what the last call decoded (now clean), then the
-            # masks it reads. (B) caches what the last call fed; (A) once its clean block is frozen
+            # masks it reads. (B) keeps what was clean when last fed; (A), its frozen clean block
             n_cached = d_prev if c.variant == "B" else torch.where(d_prev >= switch, d_prev, 0)
             prefix = torch.zeros_like(d) if c.variant == "B" else torch.minimum(d, switch)
             fed = torch.where(d < L, d + n - n_cached, 0)
