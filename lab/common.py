@@ -59,3 +59,18 @@ def pyplot(what):
         return plt
     except ImportError:
         print(f"matplotlib is not installed: no {what} (pip install matplotlib)")
+
+
+def nfe_figure(path, lines, ylabel, title, per="sample"):
+    """A figure of y against the network calls (log2), lines {label: [(nfe, y, error bar), ...]}."""
+    if (plt := pyplot(os.path.basename(path))) is None:
+        return
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for label, points in lines.items():
+        ax.errorbar(*zip(*sorted(points)), fmt="o-", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel=f"network calls a {per} (NFE)", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -22,7 +22,7 @@ import numpy as np
 
 from configurator import check, configure, fail
 from data import get_tokenizer
-from lab.common import autocast, device_ok, held_out, load_model, mean_se, pyplot
+from lab.common import autocast, device_ok, held_out, load_model, mean_se, nfe_figure, pyplot
 from lab.metrics import likelihoods, sample_cell, training_words
 from lab.orders import subcontext_plan
 
@@ -92,25 +92,13 @@ def cells(runs, cfg, run_cell):
 
 
 def plot_grid(grid, png, title):  # generative perplexity against NFE, a line per model and order
-    plt = pyplot("grid.png")
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(9, 4.2))
     lines = {}
     for c in (c for c in grid if "gen_nll" in c):
-        lines.setdefault((c["model"], c["order"], c["threshold"], c["alpha0"]), []).append(c)
-    for (model, order, tau, alpha0), run in lines.items():
-        run.sort(key=lambda c: c["nfe"])
-        ppl = np.exp([c["gen_nll"] for c in run])
-        label = f"{model}: alpha0 = {alpha0:g}, {order}" + (f", tau {tau}" if tau else "")
-        ax.errorbar([c["nfe"] for c in run], ppl, ppl * np.array([c["gen_nll_se"] for c in run]),
-                    fmt="o-", capsize=3, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="network calls a sample (NFE)", ylabel="generative perplexity", title=title)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+        label = f"{c['model']}: alpha0 = {c['alpha0']:g}, {c['order']}" + (
+            f", tau {c['threshold']}" if c["threshold"] else "")
+        ppl = math.exp(c["gen_nll"])
+        lines.setdefault(label, []).append((c["nfe"], ppl, ppl * c["gen_nll_se"]))
+    nfe_figure(png, lines, "generative perplexity", title)
 
 
 def plot_training(cfg, model, amp, plt):

@@ -19,7 +19,7 @@ import torch
 
 from configurator import check, configure, fail
 from data import Windows, get_tokenizer
-from lab.common import autocast, load_model, mean_se, pyplot
+from lab.common import autocast, load_model, mean_se, nfe_figure
 from lab.metrics import timed_generate
 from prepare_data import ShardWriter, dataset_folder
 
@@ -202,23 +202,12 @@ def solve(argv=None):
     out = dict(settings=vars(cfg), dtype=dtype, cells=cells)
     Path(cfg.out_dir, "sudoku.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {cfg.out_dir}/sudoku.json")
-    if plt := pyplot("sudoku.png"):
-        title = f"{len(puzzles)} puzzles, temperature {cfg.temperature:g}"
-        figure(plt, cells, os.path.join(cfg.out_dir, "sudoku.png"), title)
-
-
-def figure(plt, cells, path, title):  # solved against NFE: a line a model and order, a point a tau
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for key in dict.fromkeys((c["model"], c["alpha0"], c["order"]) for c in cells):
-        points = sorted((c["all"]["nfe"], c["all"]["solved"], c["all"]["se"]) for c in cells
-                        if (c["model"], c["alpha0"], c["order"]) == key)
-        name = f"{os.path.basename(os.path.normpath(key[0]))}, alpha0 {key[1]:g}, {key[2]}"
-        ax.errorbar(*zip(*points), marker="o", capsize=2, label=name)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="network calls a puzzle (NFE)", ylabel="puzzles solved", title=title)
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    print(f"wrote {path}")
+    lines = {}  # solved against NFE: a line a model and order, a point a tau
+    for c in cells:
+        name = f"{Path(c['model']).name}, alpha0 {c['alpha0']:g}, {c['order']}"
+        lines.setdefault(name, []).append((c["all"]["nfe"], c["all"]["solved"], c["all"]["se"]))
+    nfe_figure(os.path.join(cfg.out_dir, "sudoku.png"), lines, "puzzles solved",
+               f"{len(puzzles)} puzzles, temperature {cfg.temperature:g}", per="puzzle")
 
 
 def main(argv=None):
