@@ -59,7 +59,7 @@ def rope_tables(L, hs, base):  # cos, sin (L, hs/2): position p turns pair i by 
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x, cos, sin):  # x (B, nh, n, hs); cos, sin (B, 1, n, hs/2) at original positions
+def apply_rope(x, cos, sin):  # x (..., nh, hs); cos, sin (..., 1, hs/2) at original positions
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -71,24 +71,25 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.causal = config.variant != "MDLM"  # what no mask means: causal, or MDLM's all to all
-        # the KV cache when sampling, (B, nh, L + 1, hs): slot i has a row's i-th token; L, a sink
+        # the KV cache when sampling, (B, L + 1, nh, hs): slot i has a row's i-th token; L, a sink
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x, cos, sin, mask, slots, n_z, x_mask):
-        B, n, C = x.size()
-        q, k, v = (t.view(B, n, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))  # (B, nh, n, hs)
+    def forward(self, x, cos, sin, mask, slots, n_z, x_mask, fed):
+        q, k, v = self.c_attn(x).unflatten(-1, (3, self.n_head, -1)).unbind(-3)  # (..., nh, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if slots is not None:  # write this call's tokens at their slots (B, n); read all the cache
-            index = slots[:, None, :, None].expand_as(k)
-            k, v = self.k_cache.scatter_(2, index, k), self.v_cache.scatter_(2, index, v)
+        if fed is not None:  # a cached call: k, v to their slots; q to (B, n), 0 at the padding
+            self.k_cache[fed[0], slots[fed]], self.v_cache[fed[0], slots[fed]] = k, v
+            q = q.new_zeros(*slots.shape, *q.shape[1:]).index_put_(fed, q)
+            k, v = self.k_cache, self.v_cache  # it reads the whole cache
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, n or L + 1, hs)
         if n_z:  # layout [z ; x]: x never sees z, so its queries run alone over the x keys
             y = torch.cat([self.sdpa(q[:, :, :n_z], k, v, mask),
                            self.sdpa(q[:, :, n_z:], k[:, :, n_z:], v[:, :, n_z:], x_mask)], dim=2)
         else:
             y = self.sdpa(q, k, v, mask)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, n, C))
+        y = y.transpose(1, 2).flatten(2)  # (B, n, C)
+        return self.c_proj(y if fed is None else y[fed])
 
     def sdpa(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None and self.causal)
@@ -133,17 +134,20 @@ class Transformer(nn.Module):
         w, d = self.wte.weight, self.wte.weight.device.type
         return torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else w.dtype
 
-    def forward(self, idx, pos, mask=None, slots=None, n_z=0, x_mask=None):
+    def forward(self, idx, pos, mask=None, slots=None, n_z=0, x_mask=None, fed=None):
         """Hidden states (B, n, C) of tokens idx at positions pos (B, n), sorted. mask: bool (B or
         1, 1, n, keys), True = may attend, None = causal (MDLM: all); slots (B, n): cached calls."""
+        if slots is not None:  # a cached call computes only what it feeds, fed (rows, columns)
+            fed = fed or (slots < self.config.block_size).nonzero(as_tuple=True)  # not the sink
+            idx, pos = idx[fed], pos[fed]  # (N,) where a forward without a cache has (B, n)
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(pos)
-        dtype = self.compute_dtype()
-        cos, sin = (t[pos].unsqueeze(1).to(dtype) for t in (self.rope_cos, self.rope_sin))
-        mask, x_mask = (None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device)
-                        .masked_fill_(~m, -math.inf) for m in (mask, x_mask))  # additive, once
+        cos, sin = (t[pos, None].to(self.compute_dtype()) for t in (self.rope_cos, self.rope_sin))
+        mask, x_mask = (None if m is None else cos.new_zeros(m.shape).masked_fill_(~m, -math.inf)
+                        for m in (mask, x_mask))  # additive, once
         for block in self.blocks:
-            x = block(x, cos, sin, mask, slots, n_z, x_mask)
-        return self.ln_f(x)
+            x = block(x, cos, sin, mask, slots, n_z, x_mask, fed)
+        x = self.ln_f(x)
+        return x if fed is None else x.new_zeros(*slots.shape, x.size(-1)).index_put_(fed, x)
 
 
 # --- Attention masks. A[q, j] = True: the token at sorted index q may attend to index j ----------
@@ -376,20 +380,18 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
         was_training = self.training
         calls = self.eval().decode(zs, Plan(order, plan.ks), pick, score, threshold, kv_cache, net)
         self.train(was_training)  # eval mode while sampling: no dropout
-        unsort = order.argsort(1)
-        return Samples(zs.gather(1, unsort), calls.gather(1, unsort), calls.amax(1))
+        return Samples(*(t.gather(1, order.argsort(1)) for t in (zs, calls)), calls.amax(1))
 
     def decode(self, zs, plan, pick, score=None, threshold=None, kv_cache=True, net=None):
         """Run a plan's calls on zs (B, L), the sorted canvas, in place (plan.order: as decoded);
-        returns each slot's call. pick(logits, rows, positions): the ids. score: adaptive. Unless a
-        net (its shapes must stay) is given, rows done leave once they are half the batch."""
+        returns each slot's call. pick(logits, rows, positions): the ids. score: adaptive."""
         (B, L), dev, c = zs.shape, zs.device, self.config
         slot, rows = torch.arange(L + 1, device=dev), torch.arange(B, device=dev)
         order, ks, calls, j = plan.order, plan.ks, torch.zeros_like(zs), 0
         batch = zs, order, calls  # the caller's: the working rows are written back as rows leave
         d = (zs != self.mask_id).sum(1)  # (B,): the slots each row has decoded, given ones first
         switch, d_prev = d + ks.sum(1), torch.zeros_like(d)  # where the sequential phase starts
-        shape, dtype = (B, c.n_head, L + 1, c.n_embd // c.n_head), self.compute_dtype()
+        shape, dtype = (B, L + 1, c.n_head, c.n_embd // c.n_head), self.compute_dtype()
         for a in (block.attn for block in self.blocks if kv_cache):  # zeros: -inf hides finite only
             if a.k_cache is None or (a.k_cache.shape, a.k_cache.dtype) != (shape, dtype):
                 a.k_cache, a.v_cache = (torch.zeros(shape, dtype=dtype, device=dev) for _ in "kv")
@@ -404,7 +406,7 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
             fed = torch.where(d < L, d + n - n_cached, 0)
             W, n_max, left, starting = torch.stack(
                 [fed.max(), n.max(), (d < L).sum(), ((d == switch) & (d < L)).sum()]).tolist()
-            if not left or net is None and 2 * left <= len(rows):  # rows done leave the batch
+            if not left or net is None and 2 * left <= len(rows):  # rows done leave, once half
                 for whole, part in zip(batch, (zs, order, calls) if len(rows) < B else ()):
                     whole[rows] = part  # the working rows are copies once some have left
                 if not left:
@@ -421,12 +423,11 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
                 order.copy_(order.gather(1, torch.where(tail, L + order, slot[:L]).argsort(1)))
             with sdpa_kernel(SAMPLER_ATTENTION):  # not cuDNN's, which plans each new shape anew
                 if kv_cache:
-                    # a row feeds its slots, padded to W with masks sent to the sink. A mask not fed
+                    # a row feeds its slots, padded to W with the sink, L (no work). A mask not fed
                     # comes after every fed token in its row's order, so leaving it out is exact
                     s = torch.where(slot[:W] < fed[:, None], n_cached[:, None] + slot[:W], L)
                     g, mask = s.clamp(max=L - 1), visible(s, slot, prefix[:, None, None])
-                    idx = zs.gather(1, g).masked_fill(s == L, self.mask_id)
-                    h = (net or self)(idx, order.gather(1, g), mask.unsqueeze(1), s)
+                    h = (net or self)(zs.gather(1, g), order.gather(1, g), mask.unsqueeze(1), s)
                     first = d - n_cached  # where the masks start among the fed tokens
                 else:  # the reference: the whole canvas, every call
                     h, first = self.diffusion_forward(zs, order, prefix), d
@@ -442,9 +443,8 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
                 wide = F.pad(order, (0, n_max))  # every row's window fits; padding stays put
                 at = d[:, None] + slot[:n_max]
                 order.copy_(wide.scatter(1, at, wide.gather(1, d[:, None] + perm))[:, :L])
-            take = slot[:n_max] < k[:, None]
             write = (slot[:L] >= d[:, None]) & (slot[:L] < (d + k)[:, None])
-            r, i = take.nonzero(as_tuple=True)  # row by row, in slot order: as write marks them
+            r, i = (slot[:n_max] < k[:, None]).nonzero(as_tuple=True)  # row by row, as write
             zs[write] = pick(logits[r, perm[r, i]], rows[r], order[write])
             calls[write] = j
             d_prev, d = d, d + k

@@ -141,7 +141,7 @@ def test_feeding_a_row_more_than_it_needs_stays_exact():
     xs, calls = out.x.gather(1, order), out.decoded_by.gather(1, order)
     for e1, e2 in [(0, 0), (1, 2), (3, 5)]:
         for a in (block.attn for block in model.blocks):
-            a.k_cache = torch.full((B, 2, L + 1, 16), 1e3, dtype=torch.float64)  # garbage until written
+            a.k_cache = torch.full((B, L + 1, 2, 16), 1e3, dtype=torch.float64)  # garbage until written
             a.v_cache = torch.full_like(a.k_cache, -1e3)
         d_prev = torch.zeros(B, dtype=torch.long)
         for j in range(1, int(calls.max()) + 1):
@@ -398,13 +398,32 @@ def test_the_cache_is_preallocated_and_written_in_place():
         m.setattr(EsoLM, "forward", spy)
         kw = dict(num_samples=8, alpha0=0.5, steps=4, prompt=PROMPTS["mixed"][[0, 1, 2, 0, 1, 2, 1, 1]], seed=0)
         fixed = model.generate(**kw, net=model)
-        assert len(ptrs) > 2 and len(set(ptrs)) == 1 and model.blocks[0].attn.k_cache.shape == (8, 2, L + 1, 16)
+        assert len(ptrs) > 2 and len(set(ptrs)) == 1 and model.blocks[0].attn.k_cache.shape == (8, L + 1, 2, 16)
         ptrs.clear()
         cut = model.generate(**kw)
     rows = [p[0] for p in ptrs]
     assert rows[0] == 8 and rows[-1] <= 4 and 2 <= len(set(ptrs)) == len(set(rows)) <= 4  # 8, <= 4, ..
     assert all(b <= a for a, b in zip(rows, rows[1:])) and torch.equal(cut.x, fixed.x)
     assert torch.equal(cut.decoded_by, fixed.decoded_by) and torch.equal(cut.nfe, fixed.nfe)
+
+
+def test_a_cached_call_computes_only_the_tokens_it_feeds():
+    """A batched call pads its rows to one width with the sink slot L; the padding costs no work
+    outside the attention: every MLP sees exactly the tokens fed (slot < L), no more."""
+    model, fed, mlp = sharp_model("B"), [], []
+    forward = EsoLM.forward
+
+    def spy(self, idx, pos, mask=None, slots=None, *args, **kw):
+        fed.append(None if slots is None else (int((slots < L).sum()), slots.numel()))
+        return forward(self, idx, pos, mask, slots, *args, **kw)
+
+    for block in model.blocks:
+        block.c_fc.register_forward_hook(lambda m, args, out: mlp.append(args[0].shape[:-1].numel()))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(EsoLM, "forward", spy)
+        model.generate(3, prompt=PROMPTS["mixed"], adaptive="margin", threshold=0.3, seed=1)
+    assert len(fed) > 2 and any(n < width for n, width in fed)  # calls with padding
+    assert mlp == [n for n, _ in fed for _ in model.blocks]
 
 
 def test_the_sampler_keeps_cudnn_attention_off(monkeypatch):

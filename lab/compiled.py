@@ -28,8 +28,9 @@ def compiled(model):
             idx, pos = F.pad(idx, (0, P - W), value=model.mask_id), F.pad(pos, (0, P - W))
             slots = F.pad(slots, (0, P - W), value=L)  # padding: masks in the sink, seeing all
             mask = F.pad(mask, (0, 0, 0, P - W), value=True)
+            r = torch.arange(idx.numel(), device=idx.device)  # every token fed, for static shapes
             torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs have been read
-            return forward(idx, pos, mask, slots)[:, :W]
+            return forward(idx, pos, mask, slots, fed=(r // P, r % P))[:, :W]
 
         model.__dict__["compiled_net"] = net
     return model.__dict__["compiled_net"]

@@ -100,7 +100,7 @@ def test_the_compiled_call_makes_one_graph_a_bucket(monkeypatch):
 
     def compile_eagerly(model, **kw):
         graph = compile(model, backend="eager", fullgraph=kw["fullgraph"], dynamic=kw["dynamic"])
-        return lambda idx, *args: widths.append(idx.size(1)) or graph(idx, *args)
+        return lambda idx, *args, **kw: widths.append(idx.size(1)) or graph(idx, *args, **kw)
 
     monkeypatch.setattr(compiled_module.torch, "compile", compile_eagerly)
     model = sharp_model("B", torch.float32, block_size=256)
