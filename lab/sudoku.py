@@ -174,19 +174,21 @@ class Solve:
     steps: int = 1024  # T: about one cell a call
     temperature: float = 1.0  # of the digits and the scores (0: the likeliest digit)
     seed: int = 0  # the same draws for every model
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # bfloat16 on a GPU
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "auto"  # bfloat16 (autocast) on a GPU, else float32; or either
 
 
 def solve(argv=None):
     cfg = configure(Solve, __doc__, argv)
     check(cfg, "puzzles", cfg.puzzles >= 1, "must be at least 1")
     check(cfg, "orders", {*cfg.orders} <= {"random", *ADAPTIVE}, "are random, confidence, margin")
+    check(cfg, "dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "is auto, bfloat16, float32")
     models = {d: load_model(d, cfg.device) for d in (cfg.out_dir, *cfg.baselines)}
     trained, meta = (models[cfg.out_dir][1][k] for k in ("train_config", "dataset_meta"))
     check(cfg, "out_dir", meta.get("tokenizer") == "sudoku", "is not a Sudoku model")
     w = Windows(trained["data_dir"], trained["dataset"], "puzzle", 81)
     puzzles = w.batch(range(min(cfg.puzzles, len(w))))
-    amp, dtype = autocast(cfg.device)
+    amp, dtype = autocast(cfg.device, cfg.dtype)
     cells = [dict(model=d, alpha0=a, order=o, threshold=t) for d, (m, _) in models.items()
              for a in dict.fromkeys([m.config.alpha0, *cfg.alpha0s])
              if a == 1 or m.config.variant != "MDLM"  # MDLM: alpha0 = 1 only

@@ -208,6 +208,7 @@ def test_the_preset_then_the_command_line(cuda, monkeypatch):
     ([], "the first argument is a command"),
     (["build", "--givens=10,20"], "--givens=10,20: must be a,b with 17 <= a <= b <= 81"),
     (["solve", "--orders=random,best"], "--orders=random,best: are random, confidence, margin"),
+    (["solve", "--dtype=half"], "--dtype=half: is auto, bfloat16, float32"),
     (["solve", "--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt")])
 def test_bad_settings_end_in_one_line(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -226,6 +227,8 @@ def test_mdlm_is_sampled_at_alpha0_1_only(root, tmp_path, monkeypatch):
     sudoku.main(argv)
     cells = json.loads((tmp_path / "sudoku.json").read_text())["cells"]
     assert [(c["alpha0"], c["order"]) for c in cells] == [(1.0, "margin")]
+    sudoku.main(argv + ["--dtype=bfloat16"])  # autocast, on the CPU too
+    assert json.loads((tmp_path / "sudoku.json").read_text())["dtype"] == "bfloat16"
     ckpt["dataset_meta"]["tokenizer"] = "bytes"  # a model of text: its vocabulary is not digits
     with pytest.raises(SystemExit, match=f"--out_dir={tmp_path}: is not a Sudoku model"):
         sudoku.main(argv)
