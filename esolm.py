@@ -71,19 +71,19 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.causal = config.variant != "MDLM"  # what no mask means: causal, or MDLM's all to all
-        # the KV cache when sampling, (B, L + 1, nh, hs): slot i has a row's i-th token; L, a sink
+        # the sampler's KV cache (B, L + 1, nh, hs): slot i has a row's i-th token; L, a sink
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
     def forward(self, x, cos, sin, mask, slots, n_z, x_mask, fed):
         q, k, v = self.c_attn(x).unflatten(-1, (3, self.n_head, -1)).unbind(-3)  # (..., nh, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if fed is not None:  # a cached call: k, v to their slots; q to (B, n), 0 at the padding
+        if fed is not None:  # k, v to their slots, q to (B, n); it reads all the cache
             self.k_cache[fed[0], slots[fed]], self.v_cache[fed[0], slots[fed]] = k, v
             q = q.new_zeros(*slots.shape, *q.shape[1:]).index_put_(fed, q)
-            k, v = self.k_cache, self.v_cache  # it reads the whole cache
+            k, v = self.k_cache, self.v_cache
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, n or L + 1, hs)
-        if n_z:  # layout [z ; x]: x never sees z, so its queries run alone over the x keys
+        if n_z:  # [z ; x]: x never sees z, so its queries run alone over x's keys
             y = torch.cat([self.sdpa(q[:, :, :n_z], k, v, mask),
                            self.sdpa(q[:, :, n_z:], k[:, :, n_z:], v[:, :, n_z:], x_mask)], dim=2)
         else:
@@ -137,9 +137,9 @@ class Transformer(nn.Module):
     def forward(self, idx, pos, mask=None, slots=None, n_z=0, x_mask=None, fed=None):
         """Hidden states (B, n, C) of tokens idx at positions pos (B, n), sorted. mask: bool (B or
         1, 1, n, keys), True = may attend, None = causal (MDLM: all); slots (B, n): cached calls."""
-        if slots is not None:  # a cached call computes only what it feeds, fed (rows, columns)
-            fed = fed or (slots < self.config.block_size).nonzero(as_tuple=True)  # not the sink
-            idx, pos = idx[fed], pos[fed]  # (N,) where a forward without a cache has (B, n)
+        if slots is not None:  # a cached call computes only the (rows, columns) fed, not the sink
+            fed = fed or (slots < self.config.block_size).nonzero(as_tuple=True)
+            idx, pos = idx[fed], pos[fed]  # (N,) for (B, n)
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(pos)
         cos, sin = (t[pos, None].to(self.compute_dtype()) for t in (self.rope_cos, self.rope_sin))
         mask, x_mask = (None if m is None else cos.new_zeros(m.shape).masked_fill_(~m, -math.inf)
@@ -418,13 +418,13 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
                     a.k_cache, a.v_cache = a.k_cache[keep], a.v_cache[keep]
                 continue  # this call, again, for the rows left
             j += 1
-            if starting:  # the sequential phase goes left to right: its masks, alike, by position
+            if starting:  # the sequential phase: its masks left to right, by position
                 tail = (slot[:L] >= switch[:, None]) & (d == switch)[:, None]
                 order.copy_(order.gather(1, torch.where(tail, L + order, slot[:L]).argsort(1)))
             with sdpa_kernel(SAMPLER_ATTENTION):  # not cuDNN's, which plans each new shape anew
                 if kv_cache:
-                    # a row feeds its slots, padded to W with the sink, L (no work). A mask not fed
-                    # comes after every fed token in its row's order, so leaving it out is exact
+                    # a row feeds its slots, padded to W with the sink L. A mask not fed comes after
+                    # every fed token in its row's order: leaving it out is exact
                     s = torch.where(slot[:W] < fed[:, None], n_cached[:, None] + slot[:W], L)
                     g, mask = s.clamp(max=L - 1), visible(s, slot, prefix[:, None, None])
                     h = (net or self)(zs.gather(1, g), order.gather(1, g), mask.unsqueeze(1), s)
