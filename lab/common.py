@@ -44,6 +44,10 @@ def mean_se(values):
     return float(values.mean()), float(se)
 
 
+def perplexity(mean, se):  # exp of a per-token NLL, and its standard error (delta method)
+    return math.exp(mean), math.exp(mean) * se
+
+
 def held_out(data_dir, dataset, L, n):
     """(n, L) windows evenly spaced over the validation split: the same windows for every model."""
     windows = Windows(data_dir, dataset, "val", L)

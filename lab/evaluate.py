@@ -14,7 +14,6 @@ generative perplexity under --scorer (an alpha0 = 0 model), entropy, the corpus 
 byte-level data; grid.json and grid.png. docs/sampling.md has the details.
 """
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -22,7 +21,8 @@ import numpy as np
 
 from configurator import check, configure, fail
 from data import get_tokenizer
-from lab.common import autocast, device_ok, held_out, load_model, mean_se, nfe_figure, pyplot
+from lab.common import (autocast, device_ok, held_out, load_model, mean_se, nfe_figure, perplexity,
+                        pyplot)
 from lab.metrics import likelihoods, sample_cell, training_words
 from lab.orders import subcontext_plan
 
@@ -96,8 +96,7 @@ def plot_grid(grid, png, title):  # generative perplexity against NFE, a line pe
     for c in (c for c in grid if "gen_nll" in c):
         label = f"{c['model']}: alpha0 = {c['alpha0']:g}, {c['order']}" + (
             f", tau {c['threshold']}" if c["threshold"] else "")
-        ppl = math.exp(c["gen_nll"])
-        lines.setdefault(label, []).append((c["nfe"], ppl, ppl * c["gen_nll_se"]))
+        lines.setdefault(label, []).append((c["nfe"], *perplexity(c["gen_nll"], c["gen_nll_se"])))
     nfe_figure(png, lines, "generative perplexity", title)
 
 
@@ -175,7 +174,7 @@ def main(argv=None):
         (mean, se), ratio = mean_se(v), "minus" in key
         label = "  minus the NELBO" if ratio else "NELBO" if key == "nelbo" else "exact K" + key[7:]
         print(f"  {label:24s} {mean:.4f} +- {se:.4f} nats/token   perplexity{' ratio' * ratio} "
-              f"{math.exp(mean):.3f} +- {math.exp(mean) * se:.3f}")
+              "{:.3f} +- {:.3f}".format(*perplexity(mean, se)))
         results[key] = {"mean": mean, "se": se}
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -9,7 +9,6 @@ run (alpha0 = 0, always trained). Writes <out>/results.json (resumable), results
 """
 import csv
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -22,7 +21,7 @@ import torch
 
 from configurator import check, configure
 from data import get_tokenizer
-from lab.common import autocast, device_ok, held_out, load_model, mean_se, pyplot
+from lab.common import autocast, device_ok, held_out, load_model, mean_se, perplexity, pyplot
 from lab.metrics import likelihoods, sample_cell, training_words
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -102,8 +101,8 @@ def main(argv=None):
     return results
 
 
-def ppl(r, key, se=None):  # exp of a per-token value, and its standard error (delta method)
-    return math.exp(r[key]), math.exp(r[key]) * r[se or key + "_se"]
+def ppl(r, key, se=None):  # a row's perplexity and its standard error
+    return perplexity(r[key], r[se or key + "_se"])
 
 
 def errorbar(ax, xs, ppls, fmt, **kw):  # (perplexity, standard error) pairs: one se either side
