@@ -8,16 +8,19 @@ Check a GPU setup and measure it: one command, results in one folder, the most t
 Steps, each logged to <out>/log.txt, all results in <out>/gpu_check.json (--skip leaves steps out):
 1. calls: .ci/time_calls.py at 12 x 768, GPT-2 vocabulary, L = 1024, batch 8, bf16: a cached call against the
    uncached one, eager and through lab.compiled (CUDA graphs), and the whole loop;
-2. throughput: python -m lab.bench --throughput at L = 1024 and 2048, the paper's batch sizes (AR, MDLM, Eso-LM (B)
+2. sudoku: python -m lab.sudoku solve on the two Sudoku models of the CPU preset (trained on the CPU and carried in
+   out_sudoku_b1 and out_sudoku_mdlm, see --sudoku): 1,000 puzzles a call, the random order against thresholds, at
+   temperature 0, in float32 and in bfloat16, where a call's launches may cost more than its tokens;
+3. throughput: python -m lab.bench --throughput at L = 1024 and 2048, the paper's batch sizes (AR, MDLM, Eso-LM (B)
    and (A), (B) adaptive with and without a threshold, BD3-LM's cost model); compiled at L = 2048, batch 8; L = 8192;
-3. tests: the suite's CUDA and bf16 tests (pytest -k "cuda or bf16");
-4. train: train.py with the GPU defaults for --iters iterations (ms/iter, tokens/s, MFU, the loss falling), then
+4. tests: the suite's CUDA and bf16 tests (pytest -k "cuda or bf16");
+5. train: train.py with the GPU defaults for --iters iterations (ms/iter, tokens/s, MFU, the loss falling), then
    torchrun --standalone --nproc_per_node=1 (NCCL); needs data/shakespeare (a copied data/ folder);
-5. sample: sample.py from that checkpoint: the cached sampler and --kv_cache=False print the same samples;
-6. bench: python -m lab.bench's default mode at the CUDA preset (whole runs, the training step's MFU);
-7. official: a random checkpoint in the authors' format at the published size, through python -m lab.convert, then
+6. sample: sample.py from that checkpoint: the cached sampler and --kv_cache=False print the same samples;
+7. bench: python -m lab.bench's default mode at the CUDA preset (whole runs, the training step's MFU);
+8. official: a random checkpoint in the authors' format at the published size, through python -m lab.convert, then
    python -m lab.bench --init_from --throughput at L = 1024;
-8. compiled: train.py --compile=True.
+9. compiled: train.py --compile=True.
 A step that fails is recorded with the end of its output, and the check goes on with the next.
 """
 import argparse
@@ -30,12 +33,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["calls", "throughput", "tests", "train", "sample", "bench", "official", "compiled"]
+STEPS = ["calls", "sudoku", "throughput", "tests", "train", "sample", "bench", "official", "compiled"]
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default="gpu_check", help="folder for gpu_check.json, log.txt and the runs")
 parser.add_argument("--iters", type=int, default=300, help="training iterations of each train.py run")
 parser.add_argument("--step_timeout", type=int, default=600, help="seconds after which a step is stopped and failed")
 parser.add_argument("--skip", nargs="*", default=[], choices=STEPS)
+parser.add_argument("--sudoku", nargs=2, default=["out_sudoku_b1", "out_sudoku_mdlm"],
+                    help="the (B) model at alpha0 = 1 and the MDLM baseline: python -m lab.sudoku train")
 parser.add_argument("--smoke", action="store_true", help="a dry run of this script: tiny sizes, the CPU if no GPU")
 args = parser.parse_args()
 if args.smoke:
@@ -109,6 +114,16 @@ def path(name):
 if "calls" not in args.skip:
     run("calls", [py, ".ci/time_calls.py", f"--out={path('calls.json')}", *(["--smoke"] if args.smoke else [])],
         json_out=path("calls.json"))
+
+if "sudoku" not in args.skip:
+    json_out = os.path.join(ROOT, args.sudoku[0], "sudoku.json")  # where solve writes
+    for dtype in ("float32", "bfloat16"):
+        if os.path.exists(json_out):
+            os.remove(json_out)
+        run(f"sudoku_{dtype}", [py, "-m", "lab.sudoku", "solve", f"--out_dir={args.sudoku[0]}",
+                                f"--baselines={args.sudoku[1]}", f"--device={device}", f"--dtype={dtype}",
+                                "--thresholds=0.5,0.7,0.9,0.99", "--temperature=0",
+                                *(["--puzzles=50"] if args.smoke else [])], json_out=json_out)
 
 bench = [py, "-m", "lab.bench", f"--device={device}", *tiny]
 if "throughput" not in args.skip:
