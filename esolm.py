@@ -53,7 +53,7 @@ def check_alpha0(alpha0, variant, where):
 
 
 # --- Backbone: a pre-norm GPT with rotary positions and no time input (it never sees t) ----------
-def rope_tables(L, hs, base):  # cos, sin (L, hs/2): position p turns pair i by p / base^(2i/hs)
+def rope_tables(L, hs, base):  # cos, sin (L, hs/2): p turns (x[i], x[i + hs/2]) by p / base^(2i/hs)
     inv_freq = 1.0 / base ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
     angles = torch.outer(torch.arange(L, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
@@ -71,14 +71,14 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.causal = config.variant != "MDLM"  # what no mask means: causal, or MDLM's all to all
-        # the sampler's KV cache (B, L + 1, nh, hs): slot i has a row's i-th token; L, a sink
+        # the sampler's KV cache (B, L + 1, nh, hs): slot i, a row's i-th token once fed; L, a sink
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
     def forward(self, x, cos, sin, mask, slots, n_z, x_mask, fed):
         q, k, v = self.c_attn(x).unflatten(-1, (3, self.n_head, -1)).unbind(-3)  # (..., nh, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if fed is not None:  # k, v to their slots, q to (B, n); it reads all the cache
+        if fed is not None:  # x (N, C): k, v to their slots, q to (B, n); it reads all the cache
             self.k_cache[fed[0], slots[fed]], self.v_cache[fed[0], slots[fed]] = k, v
             q = q.new_zeros(*slots.shape, *q.shape[1:]).index_put_(fed, q)
             k, v = self.k_cache, self.v_cache
@@ -202,8 +202,8 @@ def clean_first_order(clean, shuffle, generator=None):  # (B, L): clean first, t
 
 
 # --- The sampling plan, each row its own --------------------------------------------------------
-# order (B, L): the positions in generation order, given tokens first. ks (B, N): the tokens each
-# diffusion call decodes, 0 after a row's last; the sequential phase decodes the rest.
+# order (B, L): the positions in generation order, given first (decode sorts the sequential phase's
+# by position). ks (B, N): the tokens each diffusion call decodes, 0 after a row's last.
 Plan = namedtuple("Plan", "order ks")
 Samples = namedtuple("Samples", "x decoded_by nfe")  # decoded_by: each position's call (0: given)
 SAMPLER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -321,7 +321,7 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
     def exact_nll(self, x, alpha0=None, num_orders=1, generator=None):
         """-log mean_k p(x | order_k) over K = num_orders orders (as the sampler's, a row its own),
         nats per row: decoding a token a call, (B) is an AR model over its order, scored exactly by
-        one sequential forward; over K orders, a bound on -log p(x) that tightens with K."""
+        one sequential forward; in expectation, a bound on that sampler's -log p(x)."""
         alpha0 = self.check_x(x, alpha0, "exact_nll")
         need(self.config.variant == "B", "exact_nll: needs variant B (A's clean tokens see both)")
         need(isinstance(num_orders, int) and num_orders >= 1, "exact_nll: num_orders must be >= 1")
@@ -396,8 +396,8 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
             if a.k_cache is None or (a.k_cache.shape, a.k_cache.dtype) != (shape, dtype):
                 a.k_cache, a.v_cache = (torch.zeros(shape, dtype=dtype, device=dev) for _ in "kv")
         while True:
+            adapt = (d < switch) & (score is not None)  # k, below: as planned; sequential phase, 1
             k = torch.where(d < switch, ks[:, j] if j < ks.size(1) else 0, (d < L).long())
-            adapt = (d < switch) & (score is not None)  # k: as planned; in the sequential phase, 1
             n = torch.where(adapt, L - d, k)  # the masks read; adaptive: every one left
             # a call feeds slots [n_cached, d + n): what the last call decoded (now clean), then the
             # masks it reads. (B) keeps what was clean when last fed; (A), its frozen clean block

@@ -2,7 +2,7 @@
 Sample from a checkpoint of train.py (python -m lab.convert makes one from the paper's models).
 
     python sample.py --out_dir=out                          # at the model's own alpha0
-    python sample.py --out_dir=out --show                   # watch sample 1 decode, call by call
+    python sample.py --out_dir=out --show                   # watch sample 1 decode, 24 frames
     python sample.py --out_dir=out --alpha0=1 --steps=32 --prompt="ROMEO:"
     python sample.py --out_dir=out --infill="ROMEO: [[60]] JULIET:"   # [[n]]: n tokens to make
     python sample.py --out_dir=out --adaptive=margin --threshold=0.9  # the model picks the order
@@ -35,7 +35,7 @@ class Settings:
     seed: int = 0  # sample i draws from stream seed + i
     prompt: str = ""  # text to continue
     infill: str = ""  # text with [[n]] where n tokens are to be generated
-    show: bool = False  # print sample 1's canvas after each network call
+    show: bool = False  # print sample 1's canvas as it decodes (at most 24 frames)
     cut_eot: bool = True  # cut each sample at its first end-of-text token after the prompt
     kv_cache: bool = True  # False: the uncached reference, a full forward a call
     ema: bool = True  # the EMA weights, if saved
@@ -107,7 +107,7 @@ for first in range(0, cfg.num_samples, batch):
         out = model.generate(n, prompt=torch.tensor(ids).long(), seed=cfg.seed + first, **options)
     except ValueError as e:  # a setting generate rejects, named as its argument
         fail(e)
-    if cfg.show and first == 0:  # sample 1's canvas after each call, 24 frames at most
+    if cfg.show and first == 0:
         row, call, nfe = out.x[0].tolist(), out.decoded_by[0].tolist(), int(out.nfe[0])
         for j in sorted({round(i * nfe / 23) for i in range(24)}):
             print(f"---------- after call {j} of {nfe}: {call.count(j)} new token(s), "
