@@ -159,7 +159,8 @@ def solve_rate(model, puzzles, seed, amp, **kw):  # one call; solved: valid, kee
     for name, lo, hi in [("all", 0, 81)] + [(f"givens {a}-{b}", a, b) for a, b in BINS]:
         if (sel := (n_givens >= lo) & (n_givens <= hi)).any():
             p, se = mean_se(solved[sel].numpy())
-            out[name] = dict(solved=p, se=se, n=int(sel.sum()), nfe=nfe[sel].mean().item())
+            out[name] = dict(solved=p, se=se, n=int(sel.sum()), nfe=nfe[sel].mean().item(),
+                             nfe_max=int(nfe[sel].max()))  # all's: the calls the batch made
     return out
 
 
@@ -202,8 +203,8 @@ def solve(argv=None):
                         steps=cfg.steps, threshold=c["threshold"], temperature=cfg.temperature,
                         adaptive=c["order"] if c["order"] in ADAPTIVE else None)
         print("{model} alpha0={alpha0:g} {order} tau={threshold}: {seconds:.1f} s".format(**c),
-              *(f"{k} {v['solved']:.1%} +- {v['se']:.1%} NFE {v['nfe']:.1f}" for k, v in c.items()
-                if isinstance(v, dict)), sep="; ", flush=True)
+              *(f"{k} {v['solved']:.1%} +- {v['se']:.1%} NFE {v['nfe']:.1f} (max {v['nfe_max']})"
+                for k, v in c.items() if isinstance(v, dict)), sep="; ", flush=True)
     out = dict(settings=vars(cfg), dtype=dtype, cells=cells)
     Path(cfg.out_dir, "sudoku.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {cfg.out_dir}/sudoku.json")

@@ -153,6 +153,7 @@ def test_puzzles_of_any_givens_decode_in_one_call(root, adaptive, threshold):
     assert x.shape == (20, 81) and (x[given] == prompt[given]).all() and (x < 9).all()
     assert (nfe >= 1).all() and (nfe <= empty).all() and len(set(nfe.tolist())) > 3  # a row its own
     assert out["all"]["nfe"] == pytest.approx(nfe.double().mean().item())
+    assert out["all"]["nfe_max"] == nfe.max() and out["givens 30-34"]["nfe_max"] <= nfe.max()
 
 
 def test_train_and_solve_commands(root, tmp_path, capfd, monkeypatch):
