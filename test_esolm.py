@@ -6,6 +6,7 @@ The method's identities, each checked against an independent statement of it (RE
 import dataclasses
 import itertools
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -31,7 +32,23 @@ from esolm import (
 )
 
 V, L = 13, 12
+TIMEOUT = 300  # seconds a test may take (the slowest takes about 13 on 2 CPU cores)
 CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    """A test that hangs (say, a decode loop whose rows stop advancing) fails after 5 minutes, with
+    the traceback of where it was, and the others run on."""
+    def stop(signum, frame):
+        raise TimeoutError(f"the test ran past {TIMEOUT} s")
+
+    if hasattr(signal, "SIGALRM"):  # not on Windows
+        signal.signal(signal.SIGALRM, stop)
+        signal.alarm(TIMEOUT)
+    yield
+    if hasattr(signal, "SIGALRM"):
+        signal.alarm(0)
 
 
 def sharp_model(variant="B", dtype=torch.float64, vocab_size=V, block_size=L, seed=0, alpha0=None):
@@ -282,6 +299,9 @@ def test_sample_tokens_draws_the_filtered_distribution_exactly():
     assert sample_tokens(logits.expand(3, -1), u[:3], 0.0, 0.5).eq(1).all()  # temperature 0: the argmax
     # u = 0 exactly (torch.rand can draw it): the first token of positive probability, never one cut
     assert sample_tokens(logits[None], torch.zeros(1, dtype=torch.float64), 0.7, 0.8).item() in keep
+    # a mass that reaches top_p exactly stops there: of 4 equal tokens, top_p = 0.5 keeps 2
+    tie = torch.bincount(sample_tokens(torch.zeros(N, 4), u, 1.0, 0.5), minlength=4)
+    assert sorted(tie.tolist()) == [0, 0, N // 2, N // 2]
 
 
 def test_generate_hands_the_model_logits_and_each_positions_draw_to_the_samplers():
@@ -426,6 +446,35 @@ def test_a_cached_call_computes_only_the_tokens_it_feeds():
     assert mlp == [n for n, _ in fed for _ in model.blocks]
 
 
+@pytest.mark.parametrize("variant, mode", [("A", "planned"), ("B", "planned"), ("A", "confidence"),
+                                           ("B", "margin_tau")])
+def test_each_call_feeds_each_row_its_slots_from_its_cache_frontier(variant, mode):
+    """README, "why exact": a call feeds a row the slots [n_cached, d + n), the tokens decoded since
+    they were last fed, then the n masks it reads (planned: the k it decodes; adaptive: all left, in
+    the diffusion phase). n_cached is d before the last call; (A) caches nothing before its
+    sequential phase. Each call's fed counts, from a spy, against those of the decoding record."""
+    model, fed, p = sharp_model(variant), [], PROMPTS["mixed"]
+    forward = EsoLM.forward
+
+    def spy(self, idx, pos, mask=None, slots=None, *args, **kw):
+        fed.append(sorted(n for n in (slots < L).sum(1).tolist() if n))
+        return forward(self, idx, pos, mask, slots, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(EsoLM, "forward", spy)
+        out = model.generate(3, 0.5, 6, prompt=p, seed=2, **MODES[mode])
+    z = F.pad(p, (0, L - p.size(1)), value=M)
+    switch = (z != M).sum(1) + random_plan(z == M, 0.5, 6, draws(2, 3)[:2]).ks.sum(1)
+    want = []
+    for j in range(1, int(out.nfe.max()) + 1):  # d: slots decoded before call j, given ones first
+        d, d_prev, k = ((out.decoded_by < i).sum(1) for i in (j, j - 1, j + 1))
+        k = k - d
+        n = torch.where((d < switch) & ("adaptive" in MODES[mode]), L - d, k)
+        n_cached = d_prev if variant == "B" else torch.where(d_prev >= switch, d_prev, 0)
+        want.append(sorted((d + n - n_cached)[d < L].tolist()))
+    assert fed == want and any(a != b for a, b in zip(fed, fed[1:]))
+
+
 def test_the_sampler_keeps_cudnn_attention_off(monkeypatch):
     """cuDNN attention makes a plan for every new shape (9x slower on an H200 with a growing
     cache)."""
@@ -438,14 +487,15 @@ def test_the_sampler_keeps_cudnn_attention_off(monkeypatch):
     assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()
 
 
-def test_generate_samples_in_eval_mode_and_restores_training_mode():
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_samples_in_eval_mode_and_restores_the_callers_mode(training):
     model = sharp_model("B")
     model.config = dataclasses.replace(model.config, dropout=0.5)
     for block in model.blocks:
         block.dropout.p = 0.5
-    model.train()
+    model.train(training)
     a, b = model.generate(2, 0.5, 3, seed=1), model.generate(2, 0.5, 3, seed=1, kv_cache=False)
-    assert torch.equal(a.x, b.x) and model.training
+    assert torch.equal(a.x, b.x) and {m.training for m in model.modules()} == {training}
 
 
 def test_all_given_needs_no_call():

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from test_esolm import watchdog  # noqa: F401  (autouse: a hung test fails)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--eval_iters=1", "--device=cpu", "--warmup_iters=2", "--learning_rate=1e-2"]

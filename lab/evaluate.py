@@ -71,7 +71,7 @@ def cells(runs, cfg, run_cell):
                     cell = dict(model=name, alpha0=alpha0, order=order, threshold=tau, steps=steps)
                     kw = dict(alpha0=alpha0, steps=steps, temperature=cfg.temperature,
                               top_p=cfg.top_p)
-                    head = f"{name[-20:]:20s} {order:13s} {tau or '':4} {alpha0:5g} {steps:5d}"
+                    head = f"{name[-20:]:20s} {order:13s} {tau!s:4} {alpha0:5g} {steps:5d}"
                     try:
                         if order == "subcontext":  # a plan a batch: (rows, seed) -> Plan
                             S = cell["subcontext_len"] = cfg.subcontext_len or steps
@@ -95,7 +95,7 @@ def plot_grid(grid, png, title):  # generative perplexity against NFE, a line pe
     lines = {}
     for c in (c for c in grid if "gen_nll" in c):
         label = f"{c['model']}: alpha0 = {c['alpha0']:g}, {c['order']}" + (
-            f", tau {c['threshold']}" if c["threshold"] else "")
+            f", tau {c['threshold']}" if c["threshold"] is not None else "")
         lines.setdefault(label, []).append((c["nfe"], *perplexity(c["gen_nll"], c["gen_nll_se"])))
     nfe_figure(png, lines, "generative perplexity", title)
 

@@ -159,10 +159,12 @@ def test_evaluate_reports_likelihoods_with_standard_errors(tiny_data, trained):
     assert plotted or "matplotlib is not installed" in out
 
 
-def test_evaluate_grid(tiny_data, trained, mdlm, ar):
+def test_evaluate_grid(tiny_data, trained, mdlm, ar, monkeypatch):
     """--grid: every cell of alpha0 x T x order (x tau) and a baseline at its own alpha0; a cell
     that cannot run is reported and the grid goes on; each cell holds its NFE, time, generative
-    perplexity under the scorer, entropy and word rate."""
+    perplexity under the scorer, entropy and word rate, and its settings reached generate."""
+    seen, sample_cell = [], metrics.sample_cell
+    monkeypatch.setattr(metrics, "sample_cell", lambda *a, **kw: seen.append(kw) or sample_cell(*a, **kw))
     _, out, _ = run("lab.evaluate", f"--out_dir={trained}", "--grid", f"--scorer={ar}",
                     "--alpha0s=1,0.25", "--steps=4,5", "--grid_orders=random,subcontext,margin",
                     "--thresholds=0.5", f"--baselines={mdlm}", "--num_samples=4", "--batch_size=2",
@@ -179,6 +181,8 @@ def test_evaluate_grid(tiny_data, trained, mdlm, ar):
     assert [c["nfe"] for c in ran if c["order"] == "subcontext" and c["alpha0"] == 1] == [4.0, 4.0]
     tau = [c for c in ran if c["threshold"] == 0.5]
     assert tau and all(c["order"] == "margin" for c in tau)
+    assert [(kw["alpha0"], kw["steps"], kw.get("adaptive"), kw.get("threshold")) for kw in seen] == [
+        (c["alpha0"], c["steps"], c["order"] if c["order"] == "margin" else None, c["threshold"]) for c in ran]
     assert (trained / "grid.png").exists() or "matplotlib is not installed" in out
 
 
