@@ -244,6 +244,19 @@ def test_validation_runs_in_eval_mode(tiny_data):
     assert vals[0] == vals[1] and vals[0] == pytest.approx(torch.stack(want).mean().item() / 32, abs=1e-6)
 
 
+@pytest.mark.parametrize("argv", [[], ["--device=cpu"]])
+def test_without_a_gpu_or_with_device_cpu_the_cpu_preset_applies(tiny_data, monkeypatch, argv):
+    """docs/training.md: without a GPU (or with --device=cpu), the CPU preset: 4 x 128, L = 128,
+    batch 8, 2800 iterations; the command line still wins (--max_iters)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, out, _ = run("train.py", "--dataset=tiny", f"--out_dir={tiny_data / 'out_preset'}", "--max_iters=0",
+                    "--eval_iters=1", *argv, cwd=tiny_data)
+    config = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert "CPU preset" in out and config["max_iters"] == 0
+    assert [config[k] for k in ("n_layer", "n_embd", "block_size", "batch_size")] == [4, 128, 128, 8]
+    assert "--max_iters=2800 " in run("train.py", "--help", *argv)[1]
+
+
 @pytest.mark.parametrize("a,b", [("--loss_type=elbo", "--loss_type=low_var"), ("--batch_split=0.25", "--batch_split=0.75")])
 def test_the_settings_reach_the_objective(tiny_data, a, b):
     """One iteration from the same init and draws: the logged terms move as the setting says they
@@ -257,15 +270,17 @@ def test_the_settings_reach_the_objective(tiny_data, a, b):
         assert logs[0]["mdm"] != logs[1]["mdm"] and logs[0]["ar"] != logs[1]["ar"]
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_train_py_is_the_documented_loop(tiny_data, ema):
+@pytest.mark.parametrize("ema, clip", [(0.0, 0.0), (0.9, 1e-3)])
+def test_train_py_is_the_documented_loop(tiny_data, ema, clip):
     """train.py against its loop written again here from the documented draws, at settings away
-    from their defaults (dropout, weight decay, two micro-steps, warmup then cosine, no clip, an EMA
-    or none): each iteration's lr, loss and grad norm, each evaluation (eval mode, fixed windows and
-    noise, the EMA when there is one), the best validation NELBO and the final weights."""
+    from their defaults (dropout, weight decay, two micro-steps, warmup then cosine, no clip or a
+    tight one, an EMA or none): each iteration's lr, loss, grad norm (before the clip), tokens/s and
+    MFU, each evaluation (eval mode, fixed windows and noise, the EMA when there is one), the best
+    validation NELBO and the final weights."""
     out = train(tiny_data, f"out_loop_{ema}", "--max_iters=4", "--eval_interval=2", "--log_interval=1",
                 "--dropout=0.1", "--weight_decay=0.5", "--gradient_accumulation_steps=2", "--warmup_iters=2",
-                "--lr_decay_iters=5", "--grad_clip=0", f"--ema={ema}", "--batch_size=3", "--eval_iters=2")
+                "--lr_decay_iters=5", f"--grad_clip={clip}", f"--ema={ema}", "--batch_size=3", "--eval_iters=2",
+                "--peak_flops=1e12")
     log, ckpt = records(out), torch.load(out / "ckpt.pt", weights_only=True)
     cfg, L = ckpt["train_config"], 32
     windows = {s: Windows(tiny_data / "data", "tiny", s, L) for s in ("train", "val")}
@@ -313,6 +328,10 @@ def test_train_py_is_the_documented_loop(tiny_data, ema):
             ((mdm + ar) / 2).backward()
             terms += (mdm + ar).item() / 2
         norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters()))
+        if clip:
+            assert norm > clip  # the clip acts: every gradient scaled to norm clip
+            for p in model.parameters():
+                p.grad *= clip / norm
         optimizer.step()
         optimizer.zero_grad()
         if average:  # the official warm-up: update n = it + 1 decays by min(ema, (1 + n) / (10 + n))
@@ -321,6 +340,13 @@ def test_train_py_is_the_documented_loop(tiny_data, ema):
                     a.lerp_(p, 1 - min(ema, (it + 2) / (it + 11)))
         r = logged[it + 1]
         assert (r["lr"], r["loss"], r["grad_norm"]) == pytest.approx((lr, terms, norm), rel=1e-5)
+        # tokens: 3 rows x L x 2 micro-steps; FLOPs, as train.py documents them: 6 a weight but the
+        # embedding's and a token, 12 n_layer C L for attention, an AR row feeding (2 - alpha0) L
+        flops = 6 * (sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()) + 12 * 1 * 32 * L
+        share = cfg["batch_split"] + (1 - cfg["batch_split"]) * (2 - cfg["alpha0"])
+        seconds = r["ms_per_iter"] / 1000
+        assert (r["tokens_per_s"] * seconds, r["mfu"] * 1e12 * seconds) == pytest.approx(
+            (3 * L * 2, flops * 3 * L * 2 * share), rel=1e-9)
     assert ckpt["best_val_loss"] == min(r["val"] for r in evals.values())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-5, atol=1e-6)
@@ -379,6 +405,15 @@ def test_fine_tuning_starts_from_a_checkpoints_weights(tiny_data, trained):
     status, _, err = run("train.py", "--dataset=tiny", f"--init_from={trained}/ckpt.pt", *TINY, "--n_layer=2",
                          cwd=tiny_data, ok=False)
     assert status and "--n_layer=2: the checkpoint's is 1" in err
+    # a converted model's network (biases, tanh GELU) is kept, not the defaults
+    config = EsoLMConfig(**{**source["model_config"], "bias": True, "gelu": "tanh"})
+    model = EsoLM(config)
+    model.load_state_dict(source["model"], strict=False)
+    data.save_checkpoint(str(tiny_data / "converted.pt"), **{**source, "model": model.state_dict(), "ema": None,
+                                                            "model_config": dataclasses.asdict(config)})
+    tuned = train(tiny_data, "out_tune_tanh", f"--init_from={tiny_data / 'converted.pt'}", "--max_iters=0",
+                  "--eval_interval=1")
+    assert torch.load(tuned / "ckpt.pt", weights_only=True)["model_config"] == dataclasses.asdict(config)
 
 
 def test_ddp_two_processes_on_the_cpu(tiny_data):
@@ -404,12 +439,16 @@ def test_the_gpu_paths_on_the_cpu(tiny_data, setting):
     assert setting == "--compile=True" or any(a["loss"] != b["loss"] for a, b in zip(plain, gpu))
 
 
-def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data):
-    out = train(tiny_data, "out_nan", "--max_iters=2", "--eval_interval=2", "--log_interval=1")
-    before = (out / "ckpt.pt").read_bytes()
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_nan_or_inf_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, monkeypatch, bad):
+    """NaN: an absurd learning rate blows the weights up; inf: a loss that is inf (gradients finite)."""
+    out = train(tiny_data, f"out_{bad}", "--max_iters=2", "--eval_interval=2", "--log_interval=1")
+    before, loss = (out / "ckpt.pt").read_bytes(), EsoLM.loss
+    if bad == "inf":
+        monkeypatch.setattr(EsoLM, "loss", lambda *a, **kw: tuple(t + math.inf for t in loss(*a, **kw)))
     status, _, err = run("train.py", "--dataset=tiny", f"--out_dir={out}", *TINY, "--max_iters=40", "--eval_interval=2",
-                         "--log_interval=1", "--init_from=resume", "--learning_rate=1e30", "--grad_clip=0",
-                         cwd=tiny_data, ok=False)
+                         "--log_interval=1", "--init_from=resume", "--grad_clip=0",
+                         "--learning_rate=" + ("1e30" if bad == "nan" else "1e-3"), cwd=tiny_data, ok=False)
     assert status and "NaN or inf" in err and (out / "ckpt.pt").read_bytes() == before
 
 
@@ -461,6 +500,8 @@ def test_a_bad_setting_prints_no_traceback(tiny_data):
 def test_sample_rejects_what_is_not_our_checkpoint(tmp_path):
     for content, message in [({"model": {}}, "not a checkpoint of this project"),
                              ({"format": "esolm", "version": 2}, "lacks dataset_meta, ema, model"),
+                             ({"format": "esolm", "version": 1, **dict.fromkeys(["model", "ema", "model_config",
+                               "train_config", "dataset_meta"])}, "(format esolm, version 2)"),
                              ({"format": "esolm", "payload": argparse.Namespace(x=1)}, "not a checkpoint")]:
         torch.save(content, tmp_path / "ckpt.pt")
         status, _, err = run("sample.py", f"--out_dir={tmp_path}", ok=False)
