@@ -417,12 +417,39 @@ def test_fine_tuning_starts_from_a_checkpoints_weights(tiny_data, trained):
 
 
 def test_ddp_two_processes_on_the_cpu(tiny_data):
+    """torchrun, 2 processes x 2 micro-steps: process r draws iteration i from seed_for(r, i), and
+    the step averages the gradients of all 4 micro-steps: the final weights against that loop,
+    written again here (one process, constant lr, no clip)."""
     out = tiny_data / "out_ddp"
     p = subprocess_run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{ROOT}/train.py",
                        "--dataset=tiny", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3", "--log_interval=1",
-                       "--gradient_accumulation_steps=2", *TINY, cwd=tiny_data)
+                       "--gradient_accumulation_steps=4", *TINY, "--warmup_iters=0", "--min_lr=1e-2",
+                       "--grad_clip=0", cwd=tiny_data)
     assert p.returncode == 0 and "2 process(es) (gloo)" in p.stdout, p.stderr[-3000:]
     assert [r["iter"] for r in records(out) if "loss" in r] == [1, 2, 3]  # rank 0 logs
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    cfg, windows = ckpt["train_config"], Windows(tiny_data / "data", "tiny", "train", 32)
+
+    def seed_for(*keys):
+        return int(np.random.SeedSequence([cfg["seed"], *keys]).generate_state(1)[0])
+
+    torch.manual_seed(cfg["seed"])
+    model = EsoLM(EsoLMConfig(**ckpt["model_config"]))
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0}],
+                                  1e-2, weight_decay=cfg["weight_decay"], betas=cfg["betas"])
+    for it in range(3):
+        for rank in range(2):
+            torch.manual_seed(seed_for(rank, it))
+            rng = np.random.default_rng(seed_for(rank, it, 0))
+            for _ in range(2):
+                x = windows.batch(rng.integers(0, len(windows), size=cfg["batch_size"]))
+                mdm, ar = model.loss(x, cfg["batch_split"], cfg["loss_type"])
+                ((mdm + ar) / 4).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("setting", ["--compile=True", "--dtype=bfloat16"])
