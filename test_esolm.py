@@ -736,14 +736,21 @@ def test_the_ar_term_sees_z0s_clean_tokens_in_a_random_order(monkeypatch):
     assert abs(inversions / pairs - 0.5) < 0.01
 
 
-def test_the_mdm_term_masks_at_rate_one_minus_alpha_t(monkeypatch):
+def test_the_mdm_term_masks_at_rate_one_minus_alpha_t_and_lays_clean_tokens_first(monkeypatch):
+    """z_t sorted as (B) samples it: x's tokens at the positions of order, its clean ones first (the
+    prefix (A) sees both ways), then its masks; mask rate 1 - alpha_t."""
     model, seen = sharp_model("B"), []
     forward = EsoLM.diffusion_forward
-    monkeypatch.setattr(EsoLM, "diffusion_forward", lambda self, zs, o, p: seen.append(zs) or forward(self, zs, o, p))
+    monkeypatch.setattr(EsoLM, "diffusion_forward", lambda self, *a: seen.append(a) or forward(self, *a))
+    x = torch.randint(0, V, (400, L))
     with torch.no_grad():
-        model._mdm_term(torch.randint(0, V, (400, L)), 0.5, torch.full((400,), 0.5), torch.Generator().manual_seed(0))
-    rate = (seen[0] == model.mask_id).double().mean()
-    assert abs(rate - (1 - alpha_t(0.5, 0.5))) < 0.02
+        model._mdm_term(x, 0.5, torch.full((400,), 0.5), torch.Generator().manual_seed(0))
+    (zs, order, prefix), = seen
+    masked = zs == model.mask_id
+    assert abs(masked.double().mean() - (1 - alpha_t(0.5, 0.5))) < 0.02
+    assert torch.equal(masked, torch.arange(L) >= prefix[:, None]) and torch.equal(prefix, L - masked.sum(1))
+    assert torch.equal(order.sort(1).values, torch.arange(L).expand(400, L))
+    assert torch.equal(zs[~masked], x.gather(1, order)[~masked])
 
 
 @pytest.mark.parametrize("alpha0", [0.0, 0.25, 1.0])
