@@ -11,10 +11,11 @@ import torch
 
 from lab import compiled as compiled_module
 from lab import metrics
-from lab.common import held_out, load_model, mean_se
+from data import save_checkpoint
+from lab.common import autocast, held_out, load_model, mean_se, perplexity
 from lab.compiled import bucket, compiled
 from lab.conftest import TINY, run
-from lab.metrics import corpus_word_rate, generative_nll, likelihoods, timed_generate, words
+from lab.metrics import corpus_word_rate, generative_nll, likelihoods, timed_generate, unigram_entropy, words
 from lab.orders import subcontext_plan
 from test_esolm import V, assert_same_run, gen, sharp_model
 
@@ -231,3 +232,23 @@ def test_timed_generate_is_one_generate_call_split_in_batches(monkeypatch):
         want.x, want.nfe, [1.0]))
     cell = metrics.sample_cell(model, 5, 2, 3, "amp", **kw)
     assert seen == [((model, 5, 2, 3, "amp"), kw)] and cell["nfe"] == want.nfe.float().mean()
+
+
+def test_the_lab_statistics_by_hand():
+    """mean_se: the mean and its standard error with n - 1; perplexity: exp and the delta method
+    (se times exp); the unigram entropy in nats; autocast's name is the precision it runs."""
+    assert mean_se([1.0, 2.0, 3.0]) == (pytest.approx(2.0), pytest.approx(1 / math.sqrt(3)))
+    assert perplexity(math.log(2), 0.1) == (pytest.approx(2.0), pytest.approx(0.2))
+    assert unigram_entropy(np.array([0, 1, 2, 3])) == pytest.approx(math.log(4)) == unigram_entropy(np.arange(4))
+    assert unigram_entropy(np.array([5, 5, 5])) == 0
+    context, name = autocast("cpu", "bfloat16")
+    assert name == "bfloat16" and context.fast_dtype == torch.bfloat16
+
+
+def test_load_model_takes_the_ema_weights_when_saved(tmp_path, trained):
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    ema = {k: v + 1 for k, v in ckpt["model"].items()}
+    save_checkpoint(str(tmp_path / "ckpt.pt"), **{**ckpt, "ema": ema})
+    for flag, want in ((True, ema), (False, ckpt["model"])):
+        state = load_model(tmp_path, ema=flag)[0].state_dict()
+        assert all(torch.equal(state[k], v) for k, v in want.items())
