@@ -204,18 +204,20 @@ def test_a_tiny_sweep_trains_scores_and_resumes(tiny_data):
     new alpha0 only."""
     train_args = " ".join(["--dataset=tiny", f"--data_dir={tiny_data / 'data'}", "--max_iters=2",
                            "--eval_interval=2", *TINY])
-    args = [f"--out={tiny_data / 'sweep'}", "--gen_alpha0s=1", "--gen_steps=4,64",
+    args = [f"--out={tiny_data / 'sweep'}", "--gen_alpha0s=0.5", "--gen_steps=4,64",
             "--eval_windows=4", "--num_samples=2", "--device=cpu", f"--train_args={train_args}"]
     _, out, _ = run("lab.sweep", "--alpha0s=1", *args, cwd=tiny_data)
     rows = json.loads((tiny_data / "sweep" / "results.json").read_text())
     assert sorted((r["variant"], r["alpha0"]) for r in rows) == [("B", 0), ("B", 1), ("MDLM", 1)]
     for r in rows:
-        assert r["nelbo"] > 0 and r["gen_nll_T4"] > 0 and "gen_nll_T64" not in r  # T <= L = 32
+        assert r["nelbo"] > 0 and r.get("gen_nll_T4", 1) > 0 and "gen_nll_T64" not in r  # T <= L = 32
+        assert ("gen_nll_T4" in r) == (r["variant"] == "MDLM" or r["alpha0"] == 0)  # B at 1: not asked
         assert ("exact_k16" in r) == (r["variant"] == "B")
     assert re.search(r"MDLM +[\d.]+ \+- [\d.]+", out) and (tiny_data / "sweep/results.csv").exists()
     _, out, _ = run("lab.sweep", "--alpha0s=1,0.5", *args, cwd=tiny_data)
     rows = json.loads((tiny_data / "sweep" / "results.json").read_text())
     assert out.count("train.py --alpha0") == 1 and len(rows) == 4  # alpha0 = 0.5 alone
+    assert [r["gen_nll_T4"] > 0 for r in rows if r["alpha0"] == 0.5] == [True]
 
 
 def test_timed_generate_is_one_generate_call_split_in_batches(monkeypatch):
