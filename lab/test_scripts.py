@@ -234,14 +234,16 @@ def test_validation_runs_in_eval_mode(tiny_data):
     vals = [records(o)[0]["val"] for o in outs]
     model, ckpt = load_model(outs[0])
 
-    def seed_for(*keys):
-        return int(np.random.SeedSequence([ckpt["train_config"]["seed"], *keys]).generate_state(1)[0])
-
+    seed_for = draws_of(ckpt["train_config"]["seed"])
     windows, rng = Windows(tiny_data / "data", "tiny", "val", 32), np.random.default_rng(seed_for(1 << 31, 0))
     gen = torch.Generator().manual_seed(seed_for(1 << 31, 1))
     with torch.no_grad():
         want = [model.nelbo(windows.batch(rng.integers(0, len(windows), 4)), generator=gen).mean() for _ in range(2)]
     assert vals[0] == vals[1] and vals[0] == pytest.approx(torch.stack(want).mean().item() / 32, abs=1e-6)
+
+
+def draws_of(seed):  # train.py's seed_for, written again: the stream of (rank, iteration, ...)
+    return lambda *keys: int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
 
 
 @pytest.mark.parametrize("argv", [[], ["--device=cpu"]])
@@ -285,9 +287,7 @@ def test_train_py_is_the_documented_loop(tiny_data, ema, clip):
     cfg, L = ckpt["train_config"], 32
     windows = {s: Windows(tiny_data / "data", "tiny", s, L) for s in ("train", "val")}
 
-    def seed_for(*keys):
-        return int(np.random.SeedSequence([cfg["seed"], *keys]).generate_state(1)[0])
-
+    seed_for = draws_of(cfg["seed"])
     def batch(split, rng):
         return windows[split].batch(rng.integers(0, len(windows[split]), size=3))
 
@@ -430,9 +430,7 @@ def test_ddp_two_processes_on_the_cpu(tiny_data):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     cfg, windows = ckpt["train_config"], Windows(tiny_data / "data", "tiny", "train", 32)
 
-    def seed_for(*keys):
-        return int(np.random.SeedSequence([cfg["seed"], *keys]).generate_state(1)[0])
-
+    seed_for = draws_of(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model = EsoLM(EsoLMConfig(**ckpt["model_config"]))
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
