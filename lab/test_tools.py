@@ -200,8 +200,8 @@ def test_the_nelbos_standard_error_holds_against_repeated_draws(tiny_data, train
 
 def test_a_tiny_sweep_trains_scores_and_resumes(tiny_data):
     """python -m lab.sweep: the runs trained alike, each scored (likelihoods; samples for
-    --gen_alpha0s, the AR run and MDLM), the table printed; a rerun trains nothing again and adds a
-    new alpha0 only."""
+    --gen_alpha0s, the AR run and MDLM), the table printed; a rerun trains a new alpha0, resumes a
+    run with a checkpoint but no row, and trains nothing else again."""
     train_args = " ".join(["--dataset=tiny", f"--data_dir={tiny_data / 'data'}", "--max_iters=2",
                            "--eval_interval=2", *TINY])
     args = [f"--out={tiny_data / 'sweep'}", "--gen_alpha0s=0.5", "--gen_steps=4,64",
@@ -214,9 +214,13 @@ def test_a_tiny_sweep_trains_scores_and_resumes(tiny_data):
         assert ("gen_nll_T4" in r) == (r["variant"] == "MDLM" or r["alpha0"] == 0)  # B at 1: not asked
         assert ("exact_k16" in r) == (r["variant"] == "B")
     assert re.search(r"MDLM +[\d.]+ \+- [\d.]+", out) and (tiny_data / "sweep/results.csv").exists()
+    path = tiny_data / "sweep" / "results.json"  # MDLM's row lost, its checkpoint kept: resumed
+    path.write_text(json.dumps([r for r in rows if r["variant"] == "B"]))
     _, out, _ = run("lab.sweep", "--alpha0s=1,0.5", *args, cwd=tiny_data)
-    rows = json.loads((tiny_data / "sweep" / "results.json").read_text())
-    assert out.count("train.py --alpha0") == 1 and len(rows) == 4  # alpha0 = 0.5 alone
+    rows = json.loads(path.read_text())
+    trained = [line for line in out.splitlines() if "train.py --alpha0" in line]
+    assert len(trained) == 2 and len(rows) == 4  # alpha0 = 0.5 new, MDLM resumed
+    assert ["init_from=resume" in line for line in trained] == [False, True]
     assert [r["gen_nll_T4"] > 0 for r in rows if r["alpha0"] == 0.5] == [True]
 
 
