@@ -1,4 +1,5 @@
 """lab/bench.py at tiny sizes, in-process: each mode's results, the bad settings, the timer, BD3."""
+import contextlib
 import json
 import time
 from types import SimpleNamespace
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from esolm import EsoLM, EsoLMConfig
-from lab import bench
+from lab import bench, common, metrics
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--vocab_size=32",
         "--repeats=1", "--sample_batch=2", "--train_batch=2"]
@@ -108,6 +109,27 @@ def test_timer_leaves_out_the_warmup():
         return len(first)
     secs, outs = bench.timings({"x": slow_once}, SimpleNamespace(repeats=2, device="cpu"))
     assert secs["x"] < 0.1 and outs["x"] == 3
+
+
+def test_each_timed_call_sits_between_two_device_syncs(monkeypatch):
+    """A GPU call returns before its work ends: the bench's and timed_generate's clocks start after
+    a sync and stop after another; sync waits on any CUDA device."""
+    events = []
+    clock = SimpleNamespace(perf_counter=lambda: events.append("clock") or 0.0)
+    for module in (bench, metrics):
+        monkeypatch.setattr(module, "sync", lambda device: events.append("sync"))
+        monkeypatch.setattr(module, "time", clock)
+    bench.timings({"x": lambda: events.append("call")}, SimpleNamespace(repeats=2, device="cuda"))
+    assert events == ["call"] + ["sync", "clock", "call", "sync", "clock"] * 2
+    model, events[:] = EsoLM(EsoLMConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=8)), []
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: events.append("call") or SimpleNamespace(
+        x=torch.zeros(a[0], 8), nfe=torch.ones(a[0])))
+    metrics.timed_generate(model, 3, 2, 0, contextlib.nullcontext())
+    assert events == ["sync", "clock", "call", "sync", "clock"] * 2
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("cuda"))
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0), "cpu", torch.device("cpu")):
+        common.sync(device)
+    assert events.count("cuda") == 3
 
 
 def test_mdlm_estimate_is_its_calls_times_its_nfe(tmp_path, monkeypatch):
