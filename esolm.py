@@ -83,7 +83,7 @@ class Attention(nn.Module):
             q = q.new_zeros(*slots.shape, *q.shape[1:]).index_put_(fed, q)
             k, v = self.k_cache, self.v_cache
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, n or L + 1, hs)
-        if n_z:  # [z ; x]: x never sees z, so its queries run alone over x's keys
+        if n_z:  # [z ; x]: mask is z's queries'; x never sees z: x's run alone, with x_mask
             y = torch.cat([self.sdpa(q[:, :, :n_z], k, v, mask),
                            self.sdpa(q[:, :, n_z:], k[:, :, n_z:], v[:, :, n_z:], x_mask)], dim=2)
         else:
@@ -135,8 +135,8 @@ class Transformer(nn.Module):
         return torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else w.dtype
 
     def forward(self, idx, pos, mask=None, slots=None, n_z=0, x_mask=None, fed=None):
-        """Hidden states (B, n, C) of tokens idx at positions pos (B, n), sorted. mask: bool (B or
-        1, 1, n, keys), True = may attend, None = causal (MDLM: all); slots (B, n): cached calls."""
+        """Hidden states (B, n, C) of idx at positions pos (B, n), sorted. mask: bool (B or 1, 1,
+        n or n_z, keys), True: may attend, None = causal (MDLM: all); slots (B, n): cached calls."""
         if slots is not None:  # a cached call computes only the (rows, columns) fed, not the sink
             fed = fed or (slots < self.config.block_size).nonzero(as_tuple=True)
             idx, pos = idx[fed], pos[fed]  # (N,) for (B, n)
@@ -227,7 +227,7 @@ def random_plan(to_gen, alpha0, steps, u):
 
 def sample_tokens(logits, u, temperature=1.0, top_p=1.0):
     """A token per row of logits (..., V): the inverse CDF at u of softmax(logits / temperature), in
-    float64, nucleus-filtered (the likeliest until their mass reaches top_p). T = 0: argmax."""
+    float64, nucleus-filtered (the likeliest up to a mass of top_p); temperature 0: argmax."""
     if temperature == 0:
         return logits.argmax(-1)
     p = (logits.double() / temperature).softmax(-1)

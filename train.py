@@ -84,14 +84,15 @@ for key, ok, rule in [
           for k in ("eval_interval", "eval_iters", "log_interval")],
         *[(k, getattr(cfg, k) >= 0, "must be at least 0") for k in ("max_iters", "warmup_iters",
           "lr_decay_iters", "weight_decay", "grad_clip", "seed", "peak_flops")],
-        ("betas", len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas),
-         "must be two numbers in [0, 1)"),
+        ("betas", [0 <= b < 1 for b in cfg.betas] == [True, True], "must be two in [0, 1)"),
         ("ema", 0 <= cfg.ema < 1, "must be in [0, 1)"),
         ("loss_type", cfg.loss_type in ("elbo", "low_var"), "must be elbo or low_var"),
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "must be auto, bfloat16, float32"),
         ("device", cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")
          and torch.cuda.is_available(), "is not a device here"),
-        ("dataset", "/" not in cfg.dataset and cfg.dataset[:1] != ".", "must be a folder name")]:
+        ("dataset", "/" not in cfg.dataset and cfg.dataset[:1] != ".", "must be a folder name"),
+        ("out_dir", cfg.init_from == "resume" or not os.path.exists(f"{cfg.out_dir}/ckpt.pt"),
+         "holds a run: resume it, or choose another")]:
     check(cfg, key, ok, rule)
 ckpt, resuming, given = None, cfg.init_from == "resume", {a.split("=")[0][2:] for a in sys.argv}
 if cfg.init_from != "scratch":  # a checkpoint's model keeps its shape and, unless told, alpha0
@@ -99,6 +100,7 @@ if cfg.init_from != "scratch":  # a checkpoint's model keeps its shape and, unle
         ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt" if resuming else cfg.init_from)
     except ValueError as e:
         fail(f"--init_from={cfg.init_from}: {e}")
+    check(cfg, "init_from", not resuming or ckpt["optimizer"], "its ckpt.pt has no optimizer")
     for key in SHAPE + ("alpha0",):
         value = ckpt["model_config"][key]
         ok = key not in given or key == "alpha0" or value == getattr(cfg, key)
@@ -120,8 +122,7 @@ gpu = device.startswith("cuda")
 if ddp:
     dist.init_process_group("nccl" if gpu else "gloo")
     if gpu:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device := f"cuda:{local_rank}")
 bf16 = gpu and torch.cuda.is_bf16_supported()
 dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if bf16 else "float32"
 amp = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
@@ -148,6 +149,7 @@ except (ValueError, OSError) as e:
 meta = windows["train"].meta
 try:
     os.makedirs(cfg.out_dir, exist_ok=True)
+    open(f"{cfg.out_dir}/log.jsonl", "a").close()
 except OSError as e:
     fail(f"--out_dir={cfg.out_dir}: {e.strerror}")
 
@@ -165,8 +167,7 @@ model_config = EsoLMConfig(**config, vocab_size=meta["vocab_size"])
 torch.manual_seed(cfg.seed)
 model = EsoLM(model_config).to(device)
 ema_model = EsoLM(model_config).to(device).eval().requires_grad_(False) if cfg.ema else None
-if ckpt:
-    model.load_state_dict(ckpt["model"])
+model.load_state_dict(ckpt["model"] if ckpt else model.state_dict())
 if ema_model:  # a resumed run's EMA, else the weights'
     ema_model.load_state_dict(ckpt["ema"] if resuming and ckpt["ema"] else model.state_dict())
 n_params = sum(p.numel() for p in model.parameters())
@@ -238,8 +239,7 @@ def log(line, record):  # a line for the terminal, a record for out_dir/log.json
 
 def stop_if_nonfinite():  # a sync with the device: call where one is due anyway
     if nonfinite.item():
-        fail(f"the loss became NaN or inf before iteration {iter_num}; {cfg.out_dir}/ckpt.pt "
-             "keeps the last good state")
+        fail(f"NaN or inf loss by iteration {iter_num}; {cfg.out_dir}/ckpt.pt is the last good")
 
 
 # --- training loop

@@ -251,7 +251,7 @@ def test_without_a_gpu_or_with_device_cpu_the_cpu_preset_applies(tiny_data, monk
     """docs/training.md: without a GPU (or with --device=cpu), the CPU preset: 4 x 128, L = 128,
     batch 8, 2800 iterations; the command line still wins (--max_iters)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    _, out, _ = run("train.py", "--dataset=tiny", f"--out_dir={tiny_data / 'out_preset'}", "--max_iters=0",
+    _, out, _ = run("train.py", "--dataset=tiny", f"--out_dir={tiny_data / f'out_preset{len(argv)}'}", "--max_iters=0",
                     "--eval_iters=1", *argv, cwd=tiny_data)
     config = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert "CPU preset" in out and config["max_iters"] == 0
@@ -486,7 +486,8 @@ BAD = {"train.py": ["--batch_size=0", "--n_head=5", "--eval_interval=0", "--log_
                     "--learning_rate=1e999", "--variant=C", "--loss_type=mse",
                     "--dtype=float16", "--init_from=elsewhere", "--dataset=a/b", "--dataset=nowhere", "--compile=yes",
                     "--device=tpu", "--bogus=1", "--n_layr=2", "max_iters=3", ("--batch_size=1", "--alpha0=0.25"),
-                    ("--variant=MDLM", "--alpha0=0.25"), ("--init_from=resume", "--out_dir=empty")],
+                    ("--variant=MDLM", "--alpha0=0.25"), ("--init_from=resume", "--out_dir=empty"),
+                    "--out_dir={trained}", "--out_dir={log_is_a_folder}", ("--init_from=resume", "--out_dir={converted}")],
        "sample.py": ["--num_samples=0", "--batch_size=-1", "--alpha0=2", "--steps=0", "--temperature=-1",
                      "--top_p=0", "--top_p=1.5", "--num_samples=x", "--adaptive=best", "--threshold=0.5",
                      ("--prompt=a", "--infill=b"), "--out_dir=missing", "--prompt=" + "x" * 40],
@@ -507,14 +508,19 @@ def files(folder):  # every file with its size and time: what a failed run must 
 def test_a_bad_setting_is_one_line_that_names_it(tiny_data, trained, tmp_path, script, bad):
     bad = [bad] if isinstance(bad, str) else list(bad)
     file = write(tmp_path / "a_file", "not a folder")
-    fill = {"tmp": tmp_path, "file": file, "trained": trained}
-    before = files(tiny_data)
+    fill = {"tmp": tmp_path, "file": file, "trained": trained, "log_is_a_folder": tmp_path / "ro",
+            "converted": tmp_path / "converted"}
+    (tmp_path / "ro" / "log.jsonl").mkdir(parents=True)  # a folder where train.py cannot write its log
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)  # a run with no optimizer: lab.convert's
+    data.save_checkpoint(str(write(tmp_path / "converted" / "ckpt.pt", b"")), **ckpt | {"optimizer": None})
+    before = files(tiny_data) | files(tmp_path)
     status, out, err = run(script, *[a.format(**fill) for a in BASE[script] + bad], cwd=tiny_data, ok=False)
     keys = [a.split("=")[0] for a in bad]
     line = err.strip()
     assert status and len(line.splitlines()) == 1 and line.startswith(f"{script}: "), err
     assert any(k.lstrip("-") in line for k in keys), line
-    assert files(tiny_data) == before and not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+    assert files(tiny_data) | files(tmp_path) == before
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
 def test_a_bad_setting_prints_no_traceback(tiny_data):
