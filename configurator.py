@@ -45,6 +45,8 @@ def configure(cls, doc="", argv=None, defaults=None):
         if not arg.startswith("--") or key not in fields:
             close = difflib.get_close_matches(key, fields, 1)
             fail(f"unknown setting {arg!r}" + (f"; did you mean --{close[0]}?" if close else ""))
+        if not eq and fields[key].type is not bool:
+            fail(f"--{key} needs a value: --{key}=...")
         values[key] = parse(key, text if eq else "True", fields[key].type)
     return cls(**values)
 

@@ -10,7 +10,6 @@ Sample from a checkpoint of train.py (python -m lab.convert makes one from the p
 """
 import itertools
 import re
-import sys
 import time
 from dataclasses import dataclass
 
@@ -79,15 +78,16 @@ def explain(L=8, alpha0=0.5, steps=4, seed=17):
 
 cfg = configure(Settings, __doc__)
 if cfg.explain:
-    sys.exit(explain())
+    raise SystemExit(explain())
 check(cfg, "num_samples", cfg.num_samples >= 1, "must be at least 1")
 check(cfg, "batch_size", cfg.batch_size >= 0, "must be at least 0 (0: all at once)")
 check(cfg, "infill", not (cfg.prompt and cfg.infill), "and --prompt: one or the other")
+check(cfg, "device", cfg.device == "cpu" or cfg.device[:4] == "cuda" and torch.cuda.is_available(),
+      "is not a device here")
 try:
     ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt")
-    model = EsoLM(EsoLMConfig(**ckpt["model_config"]))
+    model = EsoLM(EsoLMConfig(**ckpt["model_config"])).to(cfg.device).eval()
     model.load_state_dict(ckpt["ema"] if cfg.ema and ckpt["ema"] else ckpt["model"])
-    model.to(cfg.device).eval()
     tok = get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
 except (ValueError, RuntimeError) as e:
     fail(f"--out_dir={cfg.out_dir}: {e}")
