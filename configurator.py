@@ -1,7 +1,6 @@
 """
-Settings from the command line, as nanoGPT's configurator but without exec: a script keeps its
-settings in a dataclass, the one home of their defaults, and configure() reads --key=value over it.
-Each value is parsed by its field's type; a mistake ends the script with one line that names it.
+Settings from the command line, as nanoGPT's configurator without exec: a dataclass holds a script's
+defaults, configure() reads --key=value over them by each field's type; a mistake is one line.
 
     cfg = configure(Settings, __doc__)        # python sample.py --num_samples=8 --kv_cache=False
 """
@@ -21,15 +20,14 @@ def fail(message):
     raise SystemExit(f"{os.path.basename(sys.argv[0])}: {message}")
 
 
-def check(cfg, key, ok, rule):  # a script's own rule for one of its settings
+def check(cfg, key, ok, rule):  # a script's own rule for a setting
     if not ok:
         fail(f"--{key}={show(getattr(cfg, key))}: {rule}")
 
 
 def configure(cls, doc="", argv=None, defaults=None):
     """cls with its defaults, then `defaults` (a preset), then the --key=value arguments (a bare
-    --key is --key=True). --help prints doc and each setting, its default and the comment beside
-    it."""
+    --key: a bool's True). --help prints doc, each setting, its default and its comment."""
     argv, defaults = sys.argv[1:] if argv is None else argv, defaults or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:

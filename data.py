@@ -61,7 +61,7 @@ def get_tokenizer(name):
     return tokenizers[name]()
 
 
-# --- Shards -------------------------------------------------------------------------------------
+# --- Shards
 def read_shard(path):
     """A shard's tokens as a read-only memmap, once its header agrees with the file."""
     with open(path, "rb") as f:
@@ -106,7 +106,7 @@ class Windows:
         return torch.from_numpy(np.stack([self[i] for i in ix]).astype(np.int64))
 
 
-# --- Checkpoints ---------------------------------------------------------------------------------
+# --- Checkpoints
 def save_checkpoint(path, **fields):  # written aside, then renamed: a crash leaves the old whole
     torch.save({"format": "esolm", "version": 2, **fields}, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 EPS = 1e-3  # the schedule's floor: t >= EPS keeps the MDM weight at most 1 / EPS
 
 
-def need(ok, message):  # how the library rejects an argument: a ValueError that names it
+def need(ok, message):  # a bad argument: a ValueError that names it
     if not ok:
         raise ValueError(message)
 
@@ -52,7 +52,7 @@ def check_alpha0(alpha0, variant, where):
     return alpha0
 
 
-# --- Backbone: a pre-norm GPT with rotary positions and no time input (it never sees t) ----------
+# --- Backbone: a pre-norm GPT with rotary positions and no time input (it never sees t)
 def rope_tables(L, hs, base):  # cos, sin (L, hs/2): p turns (x[i], x[i + hs/2]) by p / base^(2i/hs)
     inv_freq = 1.0 / base ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
     angles = torch.outer(torch.arange(L, dtype=torch.float64), inv_freq)
@@ -137,7 +137,7 @@ class Transformer(nn.Module):
     def forward(self, idx, pos, mask=None, slots=None, n_z=0, x_mask=None, fed=None):
         """Hidden states (B, n, C) of idx at positions pos (B, n), sorted. mask: bool (B or 1, 1,
         n or n_z, keys), True: may attend, None = causal (MDLM: all); slots (B, n): cached calls."""
-        if slots is not None:  # a cached call computes only the (rows, columns) fed, not the sink
+        if slots is not None:  # a cached call: only the (rows, columns) fed, not the sink
             fed = fed or (slots < self.config.block_size).nonzero(as_tuple=True)
             idx, pos = idx[fed], pos[fed]  # (N,) for (B, n)
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(pos)
@@ -150,7 +150,7 @@ class Transformer(nn.Module):
         return x if fed is None else x.new_zeros(*slots.shape, x.size(-1)).index_put_(fed, x)
 
 
-# --- Attention masks. A[q, j] = True: the token at sorted index q may attend to index j ----------
+# --- Attention masks. A[q, j] = True: the token at sorted index q may attend to index j
 def visible(q, j, prefix):  # causal, but the first `prefix` ((A)'s clean block) see both ways
     return (j <= q[..., None]) | (j < prefix)  # q (..., nq), j (nk,), prefix int or (B, 1, 1)
 
@@ -176,7 +176,7 @@ def sequential_mask(n_clean, M, L, variant):
     return torch.cat([zz, zx], 2).unsqueeze(1), x_mask
 
 
-# --- Noise schedule: alpha_t = alpha0 (1 - (1 - EPS) t), from alpha0 at t = 0 to alpha0 EPS ------
+# --- Noise schedule: alpha_t = alpha0 (1 - (1 - EPS) t), from alpha0 at t = 0 to alpha0 EPS
 def alpha_t(alpha0, t):
     return alpha0 * (1 - (1 - EPS) * t)
 
@@ -201,7 +201,7 @@ def clean_first_order(clean, shuffle, generator=None):  # (B, L): clean first, t
     return torch.where(clean, key, 1 + pos).argsort(1)
 
 
-# --- The sampling plan, each row its own --------------------------------------------------------
+# --- The sampling plan, each row its own
 # order (B, L): the positions in generation order, given first (decode sorts the sequential phase's
 # by position). ks (B, N): the tokens each diffusion call decodes, 0 after a row's last.
 Plan = namedtuple("Plan", "order ks")
@@ -245,7 +245,7 @@ def adaptive_score(logits, temperature, rule):
     return p[..., 0] - p[..., 1] if rule == "margin" else p[..., 0]
 
 
-# --- The Eso-LM: its two forwards, the NELBO, the exact likelihood and the sampler --------------
+# --- The Eso-LM: its two forwards, the NELBO, the exact likelihood and the sampler
 class EsoLM(Transformer):  # a mask predicts its own position (README: the masks), not the next
     def diffusion_forward(self, zs, order, prefix):  # over z_t, sorted; prefix (B,): (A)'s block
         mask = diffusion_mask(prefix, zs.size(1), "A") if self.config.variant == "A" else None
@@ -275,8 +275,8 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
 
     def loss(self, x, batch_split=0.5, loss_type="elbo"):
         """The training objective, (MDM term, AR term) per token at the model's alpha0 (minimise the
-        sum): the first rows (a share batch_split) estimate the MDM term, the rest the AR term, each
-        averaged over its rows' tokens. "low_var" drops the MDM weight (the paper's alpha0 = 1)."""
+        sum): the first rows (a share batch_split, a row at least) estimate the MDM term, the rest
+        the AR term, each a mean over its rows. "low_var": the MDM term unweighted (alpha0 = 1)."""
         (B, L), alpha0 = x.shape, self.config.alpha0
         need(loss_type in ("elbo", "low_var"), f"loss: loss_type={loss_type!r} is unknown")
         need(0 <= batch_split <= 1, f"loss: batch_split={batch_split} must be in [0, 1]")
@@ -387,7 +387,7 @@ class EsoLM(Transformer):  # a mask predicts its own position (README: the masks
         returns each slot's call. pick(logits, rows, positions): the ids. score: adaptive."""
         (B, L), dev, c = zs.shape, zs.device, self.config
         slot, rows = torch.arange(L + 1, device=dev), torch.arange(B, device=dev)
-        order, ks, calls, j = plan.order, plan.ks, torch.zeros_like(zs), 0
+        order, ks, calls, j = plan.order, plan.ks, torch.zeros_like(zs), 0  # j: the batch's calls
         batch = zs, order, calls  # the caller's: the working rows are written back as rows leave
         d = (zs != self.mask_id).sum(1)  # (B,): the slots each row has decoded, given ones first
         switch, d_prev = d + ks.sum(1), torch.zeros_like(d)  # where the sequential phase starts

@@ -33,7 +33,7 @@ class Settings:
     top_p: float = 0.9  # nucleus sampling, as the paper's samples; 1: off
     seed: int = 0  # sample i draws from stream seed + i
     prompt: str = ""  # text to continue
-    infill: str = ""  # text with [[n]] where n tokens are to be generated
+    infill: str = ""  # text with [[n]] for n tokens to generate; masks pad it to L
     show: bool = False  # print sample 1's canvas as it decodes (at most 24 frames)
     cut_eot: bool = True  # cut each sample at its first end-of-text token after the prompt
     kv_cache: bool = True  # False: the uncached reference, a full forward a call

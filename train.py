@@ -56,14 +56,14 @@ class TrainConfig:
     eval_interval: int = 500  # evaluate, and save a checkpoint
     eval_iters: int = 20  # batches a split: the same windows and noise every time
     log_interval: int = 50
-    device: str = "auto"  # auto (cuda if there is one), cpu, cuda, cuda:1, ...
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32), bfloat16, float32
+    device: str = "auto"  # auto: cuda if there is one; cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, else float32
     compile: bool = False  # torch.compile the transformer
-    peak_flops: float = 989e12  # for MFU: an H100 SXM's dense bf16 peak; 0: no MFU
+    peak_flops: float = 989e12  # for MFU: an H100 SXM's bf16 peak; 0: no MFU
     seed: int = 1337  # of every draw: windows, masks, orders, t, dropout
 
 
-# without a GPU: `python train.py --alpha0=0.25` in about 3 minutes on 2 CPU cores
+# without a GPU: the quick start, about 3 minutes on 2 CPU cores
 CPU = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=8,
            learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=100, max_iters=2800,
            eval_interval=1400, eval_iters=8, log_interval=100, peak_flops=0.0)
