@@ -1,5 +1,4 @@
-"""
-Tokenize a text corpus into token shards for train.py.
+"""Tokenize a text corpus into token shards for train.py.
 
     python prepare_data.py                          # Shakespeare's plays, bytes: data/shakespeare
     python prepare_data.py --tokenizer=gpt2 --name=shakespeare_gpt2
@@ -209,5 +208,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # a problem with the input: one line, no traceback
+    except (ValueError, OSError) as e:  # a problem with the input or output: one line
         fail(e)

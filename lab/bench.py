@@ -6,6 +6,7 @@
     python -m lab.bench --device=cuda --throughput --compile   # 12 x 768, bf16, CUDA graphs
 """
 import json
+import os
 import platform
 import statistics
 import sys
@@ -183,6 +184,8 @@ def main(argv=None):
     check(cfg, "uncached_calls", cfg.uncached_calls >= 0, "must be at least 0")
     check(cfg, "peak_flops", cfg.peak_flops > 0, "must be positive")
     check(cfg, "threshold", 0 <= cfg.threshold <= 1, "must be in [0, 1]")
+    check(cfg, "json", not cfg.json or os.access(os.path.dirname(cfg.json) or ".", os.W_OK),
+          "is not in a folder this process can write in")
     try:  # a checkpoint's network, or the settings'
         base = cfg.init_from and load_model(cfg.init_from, cfg.device)[0]
         conf = base.config if base else EsoLMConfig(**{k: getattr(cfg, k) for k in SHAPE})

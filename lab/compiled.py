@@ -1,5 +1,4 @@
-"""
-The cached call compiled, gpt-fast's decode step for the Eso-LM sampler: model.generate(..., net=
+"""The cached call compiled, gpt-fast's decode step for the Eso-LM sampler: model.generate(..., net=
 compiled(model)). The eager call is already at static shapes but for its width: it reads the whole
 cache (L + 1 slots, a mask built from the fed tokens' slots), so torch.compile sees one shape per
 number of fed tokens. This pads that number to a power of two, a few shapes in all, each one graph

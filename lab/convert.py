@@ -101,6 +101,7 @@ def fold_official(sd, n_layer, L):  # the adaLN vectors of c = silu(sigma_map(0)
 
 def convert(source, alpha0=None, block_size=None, dtype=torch.float32):
     """(EsoLM, EsoLMConfig) of a published model in a folder or on the hub, folded in float64."""
+    need(os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source), f"no folder {source}")
     meta, path = (os.path.join(source, f) if os.path.isdir(source) else download(source, f)
                   for f in ("config.json", "model.safetensors"))
     with open(meta) as f:
@@ -145,7 +146,7 @@ def main(argv=None):
         save_checkpoint(path, model=model.state_dict(), ema=None, optimizer=None, iter_num=0,
                         best_val_loss=float("inf"), model_config=asdict(config), dataset_meta=meta,
                         train_config={"source": cfg.source, "alpha0": config.alpha0})
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # torch.save's: RuntimeError
         fail(e)
     print(f"wrote {path}: alpha0 = {config.alpha0}, L = {config.block_size}")
 

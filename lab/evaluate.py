@@ -1,17 +1,14 @@
-"""
-Evaluate checkpoints: likelihoods with standard errors on held-out windows, or the sampling grid
+"""Evaluate checkpoints: likelihoods with standard errors on held-out windows, or the sampling grid
 (sample quality against cost), with the same windows, noise and draws for every model (--seed).
 
     python -m lab.evaluate --out_dir=out                       # NELBO, "exact" likelihoods, figures
     python -m lab.evaluate --out_dir=out --grid --scorer=out_ar --alpha0s=1,0.25 --steps=16,128 \\
         --grid_orders=random,subcontext,confidence --thresholds=0.5,0.9 --baselines=out_mdlm
 
-Likelihoods, per token, mean +- standard error over the windows: the NELBO, for (B) the "exact"
--log p(x | order) of the one-token-a-call sampler over K orders, and its paired difference with
-the NELBO; eval.json, and with matplotlib curves.png and decoding.png. --grid samples each cell
-of model x alpha0 x T x order (x tau), baselines at their own alpha0: NFE, seconds a batch,
-generative perplexity under --scorer (an alpha0 = 0 model), entropy, the corpus word rate of
-byte-level data; grid.json and grid.png. docs/sampling.md has the details.
+Likelihoods, per token, mean +- standard error: the NELBO and, for (B), the "exact" likelihood
+over K orders and its paired difference (eval.json, curves.png, decoding.png). --grid: a cell's
+NFE, seconds, generative perplexity under --scorer (an alpha0 = 0 model), entropy and corpus word
+rate (grid.json, grid.png); baselines at their own alpha0. docs/sampling.md has the details.
 """
 import json
 import os
@@ -103,23 +100,21 @@ def plot_grid(grid, png, title):  # generative perplexity against NFE, a line pe
 def plot_training(cfg, model, amp, plt):
     """curves.png: the training log; decoding.png: each position's call at alpha0 = 1, 0.25, 0."""
     with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(7, 4))
+        log = [json.loads(line) for line in f if line.endswith("\n")]  # not one a crash cut
+    fig, ax = plt.subplots(figsize=(7, 4), layout="tight")
     for key, label in (("loss", "training loss"), ("mdm", "MDM"), ("ar", "AR"), ("val", "val")):
         rows = [r for r in log if key in r]
         ax.plot([r["iter"] for r in rows], [r[key] for r in rows], label=label)
     ax.set(xlabel="iteration", ylabel="nats per token (val: the NELBO)", title=cfg.out_dir)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "curves.png"), dpi=120)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True, layout="tight")
     for ax, alpha0 in zip(axes, (1.0, 0.25, 0.0)):
         with amp:
             call = model.generate(1, alpha0, seed=cfg.seed).decoded_by[0].cpu()
         ax.scatter(np.arange(len(call)), call.numpy(), s=4)
         ax.set(title=f"alpha0 = {alpha0:g}: {int(call.max())} calls", xlabel="position")
     axes[0].set_ylabel("the network call that decoded it")
-    fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "decoding.png"), dpi=120)
     plt.close("all")
 
@@ -143,6 +138,8 @@ def main(argv=None):
         tokenizer = get_tokenizer(ckpt["dataset_meta"]["tokenizer"])
     except ValueError as e:
         fail(e)
+    for key, m in [("scorer", scorer)] * bool(scorer) + [("baselines", m) for _, m in baselines]:
+        check(cfg, key, m.config.vocab_size == model.config.vocab_size, "has another vocabulary")
     trained = ckpt["train_config"]  # a converted model was not trained here: --dataset
     data = cfg.data_dir or trained.get("data_dir", "data"), cfg.dataset or trained.get("dataset")
     alpha0 = model.config.alpha0 if cfg.alpha0 is None else cfg.alpha0
@@ -155,6 +152,7 @@ def main(argv=None):
         grid = cells(runs, cfg, lambda m, **kw: sample_cell(
             m, cfg.num_samples, cfg.batch_size, cfg.seed, amp, scorer, tokenizer.eot_id, words,
             **kw))
+        check(cfg, "grid", any("skipped" not in c for c in grid), "skipped each cell: no grid.json")
         with open(os.path.join(cfg.out_dir, "grid.json"), "w") as f:
             json.dump({"settings": vars(cfg), "dtype": dtype, "cells": grid}, f, indent=1)
         if scorer is not None:

@@ -56,12 +56,10 @@ def generative_nll(scorer, samples, eot_id, batch=32):
     the ratio estimate's standard error over samples."""
     nll, count = [], []
     for x in samples.split(batch):
-        B, L = x.shape
-        order = torch.arange(L, device=x.device).expand(B, L)
+        order = torch.arange(x.size(1), device=x.device).expand_as(x)
         h, _, _ = scorer.sequential_forward(x, order, torch.zeros_like(x[:, 0]))
         token = F.cross_entropy(scorer.lm_head(h).float().transpose(1, 2), x, reduction="none")
-        eot = x == eot_id
-        scored = ~eot | (eot & (eot.cumsum(1) == 1))
+        scored = (x != eot_id) | ((x == eot_id).cumsum(1) == 1)  # and each sample's first eot
         nll.append((token * scored).sum(1).double().cpu())
         count.append(scored.sum(1).double().cpu())
     nll, count = torch.cat(nll), torch.cat(count)

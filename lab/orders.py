@@ -1,9 +1,8 @@
-"""
-The structured orders of the official code's later versions, as a plan for generate(plan=...): L / S
-chunks of S positions; call j of the diffusion phase decodes offset j of every chunk, so that at
-alpha0 = 1 each chunk goes left to right, all in parallel, in S calls. With shuffle the offsets
-come in a random order (each row its own), and so do the positions of a call. Only the first
-floor(S alpha0) calls follow the pattern; the sequential phase decodes the rest, left to right.
+"""The official code's later structured orders, a plan for generate(plan=...): L / S chunks of S
+positions; call j of the diffusion phase decodes offset j of every chunk (at alpha0 = 1 each chunk
+left to right, all in parallel, in S calls). With shuffle the offsets come in a random order (a
+row its own), and so do a call's positions. The first floor(S alpha0) calls follow the pattern;
+the sequential phase decodes the rest, left to right.
 
     out = model.generate(8, 1.0, plan=subcontext_plan(model, 8, 1.0, S=16, seed=0), seed=0)
 """
@@ -12,14 +11,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from esolm import Plan
+from esolm import Plan, need
 
 
 def subcontext_plan(model, B, alpha0, S, shuffle=False, seed=0, prompt=None):
     """The structured plan of B rows (prompt: as generate takes it); row b draws from seed + b."""
     L, dev, mask = model.config.block_size, model.wte.weight.device, model.mask_id
-    if S < 1 or L % S:
-        raise ValueError(f"subcontext_plan: S={S} must divide L = {L}")
+    need(S >= 1 and L % S == 0, f"subcontext_plan: S={S} must divide L = {L}")
     p = torch.zeros(0, dtype=torch.long) if prompt is None else prompt.long()
     to_gen = (F.pad(p.to(dev), (0, L - p.size(-1)), value=mask) == mask).expand(B, L)
     u = torch.stack([torch.rand(3, L, device=dev, generator=torch.Generator(dev).manual_seed(

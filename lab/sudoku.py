@@ -1,5 +1,4 @@
-"""
-Sudoku, where the decoding order decides (docs/sudoku.md): the dataset, the preset, the solve rate.
+"""Sudoku, where the decoding order decides (docs/sudoku.md): the dataset, the preset, solving.
 
     python -m lab.sudoku build
     python -m lab.sudoku train --alpha0=1 --out_dir=out_sudoku_b1  # train.py with the preset
@@ -19,7 +18,7 @@ import torch
 
 from configurator import check, configure, fail
 from data import Windows, get_tokenizer
-from lab.common import autocast, load_model, mean_se, nfe_figure
+from lab.common import autocast, device_ok, load_model, mean_se, nfe_figure
 from lab.metrics import timed_generate
 from prepare_data import ShardWriter, dataset_folder
 
@@ -115,6 +114,8 @@ def build(argv=None):  # train: grids; val: solutions; puzzles: 9 where empty
     cfg = configure(Build, __doc__, argv)
     for key in ("sudoku_train", "sudoku_test", "workers"):
         check(cfg, key, getattr(cfg, key) >= 1, "must be at least 1")
+    check(cfg, "name", "/" not in cfg.name and cfg.name[:1] not in ("", "."), "is not a plain name")
+    check(cfg, "seed", cfg.seed >= 0, "must be at least 0")
     check(cfg, "givens", len(cfg.givens) == 2 and 17 <= cfg.givens[0] <= cfg.givens[1] <= 81,
           "must be a,b with 17 <= a <= b <= 81")
     with Pool(cfg.workers) as pool:
@@ -184,9 +185,13 @@ def solve(argv=None):
     check(cfg, "puzzles", cfg.puzzles >= 1, "must be at least 1")
     check(cfg, "orders", {*cfg.orders} <= {"random", *ADAPTIVE}, "are random, confidence, margin")
     check(cfg, "dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "is auto, bfloat16, float32")
+    check(cfg, "device", device_ok(cfg.device), "is not a device here")
+    check(cfg, "alpha0s", all(0 <= a <= 1 for a in cfg.alpha0s), "must each be in [0, 1]")
     models = {d: load_model(d, cfg.device) for d in (cfg.out_dir, *cfg.baselines)}
-    trained, meta = (models[cfg.out_dir][1][k] for k in ("train_config", "dataset_meta"))
-    check(cfg, "out_dir", meta.get("tokenizer") == "sudoku", "is not a Sudoku model")
+    trained = models[cfg.out_dir][1]["train_config"]
+    for key, d in [("out_dir", cfg.out_dir)] + [("baselines", d) for d in cfg.baselines]:
+        ok = models[d][1]["dataset_meta"]["tokenizer"] == "sudoku"
+        check(cfg, key, ok, f"{d} is not a Sudoku model")
     w = Windows(trained["data_dir"], trained["dataset"], "puzzle", 81)
     puzzles = w.batch(range(min(cfg.puzzles, len(w))))
     amp, dtype = autocast(cfg.device, cfg.dtype)

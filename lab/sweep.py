@@ -10,7 +10,6 @@ run (alpha0 = 0, always trained). Writes <out>/results.json (resumable), results
 import csv
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import check, configure
+from configurator import check, configure, fail
 from data import get_tokenizer
 from lab.common import autocast, device_ok, held_out, load_model, mean_se, perplexity, pyplot
 from lab.metrics import likelihoods, sample_cell, training_words
@@ -67,6 +66,8 @@ def main(argv=None):
     for key in ("eval_windows", "num_samples"):
         check(cfg, key, getattr(cfg, key) >= 2, "must be at least 2, for a standard error")
     check(cfg, "device", device_ok(cfg.device), "is not a device here")
+    check(cfg, "train_args", not any(a.split("=")[0] in ("--alpha0", "--variant", "--out_dir",
+          "--init_from") for a in cfg.train_args.split()), "must leave each run's own to the sweep")
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
@@ -81,10 +82,11 @@ def main(argv=None):
         resume = ["--init_from=resume"] * os.path.exists(f"{cfg.out}/{name}/ckpt.pt")
         if name not in done or not resume:
             cmd = [sys.executable, TRAIN, f"--alpha0={alpha0}", f"--variant={variant}",
-                   f"--out_dir={cfg.out}/{name}", *shlex.split(cfg.train_args), *resume]
+                   f"--out_dir={cfg.out}/{name}", *cfg.train_args.split(), *resume]
             print(" ".join(cmd), flush=True)
             t0 = time.time()
-            subprocess.run(cmd, check=True)
+            if subprocess.run(cmd).returncode:
+                fail(f"train.py failed for {name} (above)")
             walls[name] = time.time() - t0
     scorer, _ = load_model(os.path.join(cfg.out, "alpha0_0"), cfg.device)
     for name, alpha0, variant in (r for r in runs if r[0] not in done):

@@ -87,6 +87,12 @@ def test_bad_setting_is_one_line(tmp_path, bad):
     assert not out.exists()
 
 
+def test_a_json_it_could_not_write_is_one_line_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "timings", lambda *a, **kw: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit, match=r"--json=.*/missing/b.json: is not in a folder"):
+        bench.main([*TINY, f"--json={tmp_path / 'missing' / 'b.json'}"])
+
+
 def test_bd3_cost_model_makes_L_calls():
     torch.manual_seed(0)
     model = EsoLM(EsoLMConfig(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()

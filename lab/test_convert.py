@@ -343,7 +343,8 @@ def test_checkpoint_round_trip(tmp_path):
      "block_size must be at least 1"),
     (["--source={folder}", "--out_dir={out}"], "does not say its alpha0: --alpha0"),
     (["--source={named}", "--out_dir={out}", "--alpha0=0.5"], "alpha-1 says alpha0=1.0, not 0.5"),
-    (["--source={folder}/gone", "--out_dir={out}"], "could not download .*gone/config.json"),
+    (["--source=owner/gone", "--out_dir={out}"], "could not download .*owner/gone/config.json"),
+    (["--source={folder}/gone-alpha-1", "--out_dir={out}"], "no folder .*tiny/gone-alpha-1$"),
     (["--source={broken}", "--out_dir={out}", "--alpha0=1"], "truncated or not safetensors"),
 ])
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, args, match):
@@ -362,6 +363,16 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, args, match):
     assert isinstance(e.value.code, str) and "\n" not in e.value.code
     assert re.search(match, e.value.code), e.value.code
     assert not os.path.exists(tmp_path / "out")  # nothing written
+    assert not os.path.exists(tmp_path / "tiny" / "gone-alpha-1")  # a mistyped folder is not made
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    def refuse(*args, **kw):  # as torch.save on a read-only file system
+        raise RuntimeError("open file failed: Read-only file system")
+    monkeypatch.setattr(conv, "save_checkpoint", refuse)
+    with pytest.raises(SystemExit, match="open file failed: Read-only file system"):
+        conv.main([f"--source={save_official(tmp_path / 'tiny', official_state_dict())}",
+                   f"--out_dir={tmp_path / 'out'}", "--alpha0=1"])
 
 
 def test_config_switches_keep_our_models_unchanged():

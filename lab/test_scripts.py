@@ -525,6 +525,17 @@ def test_a_bad_setting_is_one_line_that_names_it(tiny_data, trained, tmp_path, s
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
+def test_a_dataset_it_cannot_write_is_one_line_and_the_old_one_stays(tiny_data, monkeypatch):
+    def read_only(*args):
+        raise OSError(30, "Read-only file system", args[0])
+    before = files(tiny_data / "data")
+    monkeypatch.setattr(os, "rename", read_only)  # the swap of the finished dataset
+    status, _, err = run("prepare_data.py", "--input=corpus", "--name=tiny", "--data_dir=data", cwd=tiny_data,
+                         ok=False)
+    assert status and err.strip().startswith("prepare_data.py: [Errno 30] Read-only file system"), err
+    assert files(tiny_data / "data") == before
+
+
 def test_a_bad_setting_prints_no_traceback(tiny_data):
     p = subprocess_run(f"{ROOT}/train.py", "--n_head=5", *TINY[:1], cwd=tiny_data)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr

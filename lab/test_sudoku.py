@@ -210,7 +210,12 @@ def test_the_preset_then_the_command_line(cuda, monkeypatch):
     (["build", "--givens=10,20"], "--givens=10,20: must be a,b with 17 <= a <= b <= 81"),
     (["solve", "--orders=random,best"], "--orders=random,best: are random, confidence, margin"),
     (["solve", "--dtype=half"], "--dtype=half: is auto, bfloat16, float32"),
-    (["solve", "--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt")])
+    (["solve", "--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["build", "--name=../x"], "--name=../x: is not a plain name"), (["build", "--name="], "--name=: is not"),
+    (["build", "--seed=-1"], "--seed=-1: must be at least 0"),
+    (["solve", "--alpha0s=1,2"], r"--alpha0s=1.0,2.0: must each be in \[0, 1\]"),
+    pytest.param(["solve", "--device=cuda"], "--device=cuda: is not a device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"))])
 def test_bad_settings_end_in_one_line(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=message):
@@ -230,6 +235,9 @@ def test_mdlm_is_sampled_at_alpha0_1_only(root, tmp_path, monkeypatch):
     assert [(c["alpha0"], c["order"]) for c in cells] == [(1.0, "margin")]
     sudoku.main(argv + ["--dtype=bfloat16"])  # autocast, on the CPU too
     assert json.loads((tmp_path / "sudoku.json").read_text())["dtype"] == "bfloat16"
-    ckpt["dataset_meta"]["tokenizer"] = "bytes"  # a model of text: its vocabulary is not digits
-    with pytest.raises(SystemExit, match=f"--out_dir={tmp_path}: is not a Sudoku model"):
-        sudoku.main(argv)
+    text = {**ckpt, "dataset_meta": {"tokenizer": "bytes"}}  # a model of text: no digits
+    monkeypatch.setattr(sudoku, "load_model", lambda d, device: (model, text if d == "txt" else ckpt))
+    with pytest.raises(SystemExit, match="--baselines=txt: txt is not a Sudoku model"):
+        sudoku.main(argv + ["--baselines=txt"])
+    with pytest.raises(SystemExit, match="--out_dir=txt: txt is not a Sudoku model"):
+        sudoku.main([*argv, "--out_dir=txt"])

@@ -13,6 +13,7 @@ from lab import compiled as compiled_module
 from lab import metrics
 from data import save_checkpoint
 from lab.common import autocast, held_out, load_model, mean_se, perplexity
+from esolm import EsoLM, EsoLMConfig
 from lab.compiled import bucket, compiled
 from lab.conftest import TINY, run
 from lab.metrics import corpus_word_rate, generative_nll, likelihoods, timed_generate, unigram_entropy, words
@@ -185,6 +186,39 @@ def test_evaluate_grid(tiny_data, trained, mdlm, ar, monkeypatch):
     assert [(kw["alpha0"], kw["steps"], kw.get("adaptive"), kw.get("threshold")) for kw in seen] == [
         (c["alpha0"], c["steps"], c["order"] if c["order"] == "margin" else None, c["threshold"]) for c in ran]
     assert (trained / "grid.png").exists() or "matplotlib is not installed" in out
+
+
+def test_evaluate_refuses_what_would_lose_or_fake_a_result(tiny_data, trained, tmp_path):
+    """A grid of skipped cells keeps the last grid.json; a scorer or baseline of another vocabulary
+    is refused; a log line a crash cut short is left out of curves.png."""
+    (trained / "grid.json").write_text("the last grid")
+    status, _, err = run("lab.evaluate", f"--out_dir={trained}", "--grid", "--steps=0", "--num_samples=2",
+                         cwd=tiny_data, ok=False)
+    assert status and err.strip() == "evaluate.py: --grid=True: skipped each cell: no grid.json"
+    assert (trained / "grid.json").read_text() == "the last grid"
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    other = EsoLM(EsoLMConfig(**ckpt["model_config"] | {"vocab_size": 9}))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), **ckpt | {"model": other.state_dict(), "ema": None,
+                                                        "model_config": ckpt["model_config"] | {"vocab_size": 9}})
+    for key in ("scorer", "baselines"):
+        status, _, err = run("lab.evaluate", f"--out_dir={trained}", "--grid", f"--{key}={tmp_path}", cwd=tiny_data,
+                             ok=False)
+        assert status and err.strip().endswith(f"--{key}={tmp_path}: has another vocabulary"), err
+    log = tmp_path / "cut"
+    log.mkdir()
+    (log / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
+    (log / "log.jsonl").write_text((trained / "log.jsonl").read_text() + '{"iter": 7, "lo')
+    _, out, _ = run("lab.evaluate", f"--out_dir={log}", "--windows=2", "--orders=1", cwd=tiny_data)
+    assert (log / "curves.png").exists() or "matplotlib is not installed" in out
+
+
+def test_the_sweep_refuses_settings_it_owns_and_a_failed_run_is_one_line(tiny_data):
+    args = [f"--out={tiny_data / 'sweep_bad'}", "--alpha0s=1", "--mdlm=False", "--device=cpu"]
+    status, _, err = run("lab.sweep", *args, "--train_args=--max_iters=2 --alpha0=0.5", cwd=tiny_data, ok=False)
+    assert status and "--train_args=--max_iters=2 --alpha0=0.5: must leave each run's own" in err
+    assert not (tiny_data / "sweep_bad").exists()
+    status, _, err = run("lab.sweep", *args, "--train_args=--batch_size=0", cwd=tiny_data, ok=False)
+    assert status and err.strip().endswith("sweep.py: train.py failed for alpha0_0 (above)"), err
 
 
 def test_the_nelbos_standard_error_holds_against_repeated_draws(tiny_data, trained):
