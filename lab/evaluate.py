@@ -103,7 +103,7 @@ def plot_training(cfg, model, amp, plt):
         log = [json.loads(line) for line in f if line.endswith("\n")]  # not one a crash cut
     fig, ax = plt.subplots(figsize=(7, 4), layout="tight")
     for key, label in (("loss", "training loss"), ("mdm", "MDM"), ("ar", "AR"), ("val", "val")):
-        rows = [r for r in log if key in r]
+        rows = list({r["iter"]: r for r in log if key in r}.values())  # a resume logs again
         ax.plot([r["iter"] for r in rows], [r[key] for r in rows], label=label)
     ax.set(xlabel="iteration", ylabel="nats per token (val: the NELBO)", title=cfg.out_dir)
     ax.legend()

@@ -1,6 +1,7 @@
 """The lab's tools that the scripts' tests do not cover: the structured orders, the compiled call,
 evaluate's likelihoods and grid, and the sample metrics."""
 import contextlib
+from types import SimpleNamespace
 import json
 import math
 import re
@@ -210,6 +211,24 @@ def test_evaluate_refuses_what_would_lose_or_fake_a_result(tiny_data, trained, t
     (log / "log.jsonl").write_text((trained / "log.jsonl").read_text() + '{"iter": 7, "lo')
     _, out, _ = run("lab.evaluate", f"--out_dir={log}", "--windows=2", "--orders=1", cwd=tiny_data)
     assert (log / "curves.png").exists() or "matplotlib is not installed" in out
+
+
+def test_curves_draw_a_resumed_runs_iterations_once(tiny_data, trained, tmp_path):
+    """A kill between the log and the checkpoint: the resumed run logs those iterations again."""
+    from lab import evaluate
+    lines = (trained / "log.jsonl").read_text().splitlines(True)
+    (tmp_path / "log.jsonl").write_text("".join(lines + lines[1:]))  # every record but the first, twice
+    drawn = []
+    def ignore(*args, **kw):
+        pass
+    ax = SimpleNamespace(plot=lambda x, y, label: drawn.append((label, x, y)), set=ignore, legend=ignore,
+                         scatter=ignore, set_ylabel=ignore)
+    plt = SimpleNamespace(subplots=lambda *a, **kw: (SimpleNamespace(savefig=ignore), [ax] * 3 if a else ax),
+                          close=ignore)
+    evaluate.plot_training(SimpleNamespace(out_dir=tmp_path, seed=0), load_model(trained)[0],
+                           contextlib.nullcontext(), plt)
+    for label, x, y in drawn:
+        assert x == sorted(set(x)) and len(x) == len(y) > 0, label
 
 
 def test_the_sweep_refuses_settings_it_owns_and_a_failed_run_is_one_line(tiny_data):
