@@ -147,6 +147,9 @@ try:
 except (ValueError, OSError) as e:
     fail(f"--dataset={cfg.dataset}: {e}")
 meta = windows["train"].meta
+vocab = ckpt and ckpt["model_config"]["vocab_size"]
+check(cfg, "init_from", vocab in (None, meta["vocab_size"]), f"its vocabulary, {vocab} tokens, "
+      f"is not {cfg.dataset}'s {meta['vocab_size']}")
 try:
     os.makedirs(cfg.out_dir, exist_ok=True)
     open(f"{cfg.out_dir}/log.jsonl", "a").close()
@@ -160,9 +163,6 @@ def get_batch(split, rng):
 
 
 # --- the model (new, resumed, or a checkpoint's weights), its EMA, AdamW (decay on matrices)
-vocab = ckpt and ckpt["model_config"]["vocab_size"]
-check(cfg, "init_from", vocab in (None, meta["vocab_size"]), f"its vocabulary, {vocab} tokens, "
-      f"is not {cfg.dataset}'s {meta['vocab_size']}")
 model_config = EsoLMConfig(**config, vocab_size=meta["vocab_size"])
 torch.manual_seed(cfg.seed)
 model = EsoLM(model_config).to(device)

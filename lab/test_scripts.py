@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -397,11 +398,38 @@ def test_resume_keeps_the_best_validation_nelbo(tiny_data):
     assert torch.load(out / "ckpt.pt", weights_only=True)["best_val_loss"] == min(vals)
 
 
+def test_sample_uses_the_ema_weights_unless_told(tiny_data):
+    out_dir = train(tiny_data, "out_ema_sample", "--ema=0.5", "--max_iters=3", "--eval_interval=3")
+    tok, texts = get_tokenizer("bytes"), {}
+    for ema in (True, False):
+        _, out, _ = run("sample.py", f"--out_dir={out_dir}", "--num_samples=1", "--steps=4", f"--ema={ema}",
+                        "--cut_eot=False", "--temperature=1", "--top_p=1")
+        texts[ema] = out.split("---------- sample 1\n")[1].split("\n---------- ")[0]
+        model, _ = load_model(out_dir, ema=ema)
+        assert texts[ema] == tok.decode(model.generate(1, steps=4, seed=0).x[0].tolist())
+    assert texts[True] != texts[False]
+
+
+def test_training_with_one_row_at_alpha0_0_or_1(tiny_data):
+    for alpha0 in (0, 1):  # one term only: a batch of one row is enough, as the error for 0.25 says
+        train(tiny_data, f"out_one_row_{alpha0}", f"--alpha0={alpha0}", "--batch_size=1", "--max_iters=1",
+              "--eval_interval=1")
+
+
+def test_a_prompt_of_exactly_L_tokens_is_the_sample(trained):
+    _, out, _ = run("sample.py", f"--out_dir={trained}", "--num_samples=1", "--prompt=" + "ab" * 16)
+    assert out.split("---------- sample 1\n")[1].startswith("ab" * 16)
+
+
 def test_fine_tuning_starts_from_a_checkpoints_weights(tiny_data, trained):
     out = train(tiny_data, "out_tune", f"--init_from={trained}/ckpt.pt", "--max_iters=0", "--eval_interval=1")
     start, source = (torch.load(p / "ckpt.pt", weights_only=True) for p in (out, trained))
     assert all(torch.equal(source["model"][k], start["model"][k]) for k in source["model"])
     assert start["iter_num"] == 0 and start["model_config"] == source["model_config"]
+    (tiny_data / "out_tune_a").mkdir()  # an empty folder is no run: train.py writes in it
+    tuned = train(tiny_data, "out_tune_a", f"--init_from={trained}/ckpt.pt", "--alpha0=0.5", "--max_iters=0",
+                  "--eval_interval=1")  # the command line's alpha0 wins over the checkpoint's
+    assert torch.load(tuned / "ckpt.pt", weights_only=True)["model_config"]["alpha0"] == 0.5
     status, _, err = run("train.py", "--dataset=tiny", f"--init_from={trained}/ckpt.pt", *TINY, "--n_layer=2",
                          cwd=tiny_data, ok=False)
     assert status and "--n_layer=2: the checkpoint's is 1" in err
@@ -485,6 +513,8 @@ BAD = {"train.py": ["--batch_size=0", "--n_head=5", "--eval_interval=0", "--log_
                     "--grad_clip=-1", "--peak_flops=-1", "--seed=-1", "--alpha0=1.5", "--alpha0=nan",
                     "--learning_rate=1e999", "--variant=C", "--loss_type=mse",
                     "--dtype=float16", "--init_from=elsewhere", "--dataset=a/b", "--dataset=nowhere", "--compile=yes",
+                    "--betas=0.9", "--betas=0.9,0.99,0.5", "--dataset=..", "--dataset=.tiny.new",
+                    "--init_from={other_vocab}",
                     "--device=tpu", "--bogus=1", "--n_layr=2", "max_iters=3", "--max_iters", "--dataset",
                     ("--batch_size=1", "--alpha0=0.25"),
                     ("--variant=MDLM", "--alpha0=0.25"), ("--init_from=resume", "--out_dir=empty"),
@@ -492,7 +522,7 @@ BAD = {"train.py": ["--batch_size=0", "--n_head=5", "--eval_interval=0", "--log_
        "sample.py": ["--num_samples=0", "--batch_size=-1", "--alpha0=2", "--steps=0", "--temperature=-1",
                      "--top_p=0", "--top_p=1.5", "--num_samples=x", "--adaptive=best", "--threshold=0.5",
                      ("--prompt=a", "--infill=b"), "--out_dir=missing", "--prompt", "--infill",
-                     "--device=gpu", *["--device=cuda:0"] * (not torch.cuda.is_available()), "--prompt=" + "x" * 40],
+                     "--infill=" + "x" * 30 + "[[5]]", "--device=gpu", *["--device=cuda:0"] * (not torch.cuda.is_available()), "--prompt=" + "x" * 40],
        "prepare_data.py": ["--val_fraction=0", "--val_fraction=1.5", "--val_fraction=nan", "--shard_tokens=0",
                            "--workers=0", "--seed=-1", "--name=a/b", "--name=.hidden", "--data_dir={file}",
                            "--data_dir={file}/sub", "--data_dir=/proc/nope", "--input={tmp}/nothing*.txt",
@@ -507,7 +537,7 @@ def files(folder):  # every file with its size and time: what a failed run must 
 
 
 @pytest.mark.parametrize("script,bad", [(s, b) for s, rows in BAD.items() for b in rows])
-def test_a_bad_setting_is_one_line_that_names_it(tiny_data, trained, tmp_path, script, bad):
+def test_a_bad_setting_is_one_line_that_names_it(tiny_data, trained, tmp_path, script, bad, request):
     bad = [bad] if isinstance(bad, str) else list(bad)
     file = write(tmp_path / "a_file", "not a folder")
     fill = {"tmp": tmp_path, "file": file, "trained": trained, "log_is_a_folder": tmp_path / "ro",
@@ -515,6 +545,14 @@ def test_a_bad_setting_is_one_line_that_names_it(tiny_data, trained, tmp_path, s
     (tmp_path / "ro" / "log.jsonl").mkdir(parents=True)  # a folder where train.py cannot write its log
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)  # a run with no optimizer: lab.convert's
     data.save_checkpoint(str(write(tmp_path / "converted" / "ckpt.pt", b"")), **ckpt | {"optimizer": None})
+    config = ckpt["model_config"] | {"vocab_size": 9}  # a model of another vocabulary (Sudoku's)
+    data.save_checkpoint(str(tmp_path / "other.pt"), **ckpt | {"model": EsoLM(EsoLMConfig(**config)).state_dict(),
+                                                           "ema": None, "model_config": config})
+    fill["other_vocab"] = tmp_path / "other.pt"
+    hidden = tiny_data / "data" / ".tiny.new"  # prepare_data's build folder: a whole dataset, but not one to train on
+    if ".tiny.new" in str(bad):
+        shutil.copytree(tiny_data / "data" / "tiny", hidden)
+        request.addfinalizer(lambda: shutil.rmtree(hidden))
     before = files(tiny_data) | files(tmp_path)
     status, out, err = run(script, *[a.format(**fill) for a in BASE[script] + bad], cwd=tiny_data, ok=False)
     keys = [a.split("=")[0] for a in bad]
@@ -568,17 +606,44 @@ def eot_checkpoint(trained, folder):
     return folder
 
 
+class Payload:  # a pickle that would run code when loaded: it makes a file
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    torch.save({"format": "esolm", "version": 2, "model": Payload(str(tmp_path / "ran"))}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of this project, or damaged"):
+        data.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_split_follows_the_seed_and_the_name_the_input(corpus, tmp_path):
+    root, expected = corpus
+    meta, folder = build(root, tmp_path, "--seed=7", name="seeded")
+    val = {k for k in expected if int.from_bytes(hashlib.blake2b(f"7:{k}".encode(), digest_size=8).digest(),
+                                                 "big") / 2**64 < VAL}
+    want = sum(len(v) + 1 for k, v in expected.items() if k in val)
+    assert meta["val_tokens"] == want and val != {k for k in expected if held_out(k)}  # seed 0's split differs
+    prepare_data.main([f"--input={root}/*", f"--data_dir={tmp_path / 'data'}", f"--val_fraction={VAL}"])
+    assert (tmp_path / "data" / "corpus" / "meta.json").exists()  # no --name: the input's folder
+
+
 def test_sample_cuts_at_the_end_of_text(tiny_data, trained):
     out_dir = eot_checkpoint(trained, tiny_data / "out_eot")
     _, out, _ = run("sample.py", f"--out_dir={out_dir}", "--num_samples=3", "--prompt=To be", "--steps=4")
     assert re.findall(r"---------- sample \d\n(.*)\n", out) == ["To be"] * 3 and "3 cut at an end" in out
+    assert "<|endoftext|>" not in out  # cut before the end-of-text token, not after
     _, out, _ = run("sample.py", f"--out_dir={out_dir}", "--num_samples=1", "--prompt=To be", "--cut_eot=False")
     assert out.split("---------- sample 1\n")[1].count("<|endoftext|>") == 32 - len("To be")
 
 
 def test_sample_shows_the_canvas_after_each_call(trained):
     _, out, _ = run("sample.py", f"--out_dir={trained}", "--num_samples=2", "--show", "--infill=To [[12]] be",
-                    "--steps=4", "--alpha0=0.5", "--cut_eot=False")
+                    "--steps=4", "--alpha0=0.5", "--cut_eot=False", "--batch_size=1")  # sample 1's frames only
     shown, samples = out.split("---------- sample 1\n")
     frames = re.findall(r"---------- after call (\d+) of (\d+): \d+ new token\(s\), (\d+) masked\n(.*?)(?=\n-{10} |$)",
                         shown, re.S)
@@ -586,7 +651,7 @@ def test_sample_shows_the_canvas_after_each_call(trained):
     masked = [int(f[2]) for f in frames]
     assert masked[0] == 12 + 14 and masked[-1] == 0 and masked == sorted(masked, reverse=True)
     assert all(f[3].startswith("To ") and f[3].count("\u2591") == int(f[2]) for f in frames)
-    assert frames[-1][3] == samples.split("\n---------- ")[0]
+    assert frames[-1][3] == samples.split("\n---------- ")[0] and "after call" not in samples
 
 
 def test_the_readme_worked_example_is_what_explain_prints():
@@ -623,6 +688,7 @@ def test_the_configurator_parses_by_type_and_lists_every_setting(capsys):
         many: tuple[int, ...] = (1, 2)
 
     assert configure(S, argv=[]) == S()
+    assert [parse("flag", t, bool) for t in ("true", "FALSE", "True", "false")] == [True, False, True, False]
     got = configure(S, argv=["--n=3", "--x=1e-3", "--flag", "--name=b=c", "--maybe=2", "--many=4,5,6"])
     assert got == S(3, 1e-3, True, "b=c", 2.0, (4, 5, 6))
     assert configure(S, argv=["--flag=False", "--maybe=None", "--many="]) == S(flag=False, many=())
