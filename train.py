@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 1337  # of every draw: windows, masks, orders, t, dropout
 
 
-# without a GPU: the quick start, 3 to 4 minutes on 2 CPU cores
+# without a GPU: the quick start, 3 to 5 minutes on 2 CPU cores
 CPU = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=8,
            learning_rate=1.5e-3, min_lr=1.5e-4, warmup_iters=100, max_iters=2800,
            eval_interval=1400, eval_iters=8, log_interval=100, peak_flops=0.0)
